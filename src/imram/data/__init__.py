@@ -1,0 +1,25 @@
+"""Data layer: tokenizer and vocabulary, caption files, precomp feature folders."""
+
+from imram.data.precomp import (
+    PrecompBatch,
+    PrecompDataset,
+    collate,
+    find_features,
+    open_features,
+    pad_captions,
+)
+from imram.data.text import SPECIALS, Vocabulary, atomic_write_text, read_captions, tokenize
+
+__all__ = [
+    "SPECIALS",
+    "PrecompBatch",
+    "PrecompDataset",
+    "Vocabulary",
+    "atomic_write_text",
+    "collate",
+    "find_features",
+    "open_features",
+    "pad_captions",
+    "read_captions",
+    "tokenize",
+]

@@ -1,0 +1,64 @@
+"""Fragment encoders (SPEC §1): image regions → unit d-vectors, caption words → unit d-vectors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+EPS = 1e-8
+
+
+def l2norm(x: Tensor, dim: int = -1, eps: float = EPS) -> Tensor:
+    """``x / (‖x‖ + eps)``; zero vectors (padding) stay zero and get zero gradient."""
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
+
+
+def length_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """Boolean ``[B, max_len]`` mask, True at the first ``lengths[b]`` positions of row b."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions[None, :] < lengths[:, None]
+
+
+class ImageEncoder(nn.Module):
+    """One linear map per region, then L2 per region; raw features are not normalised first."""
+
+    def __init__(self, img_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(img_dim, embed_dim)
+        bound = math.sqrt(6.0) / math.sqrt(img_dim + embed_dim)
+        nn.init.uniform_(self.fc.weight, -bound, bound)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``[N, R, img_dim]`` → ``[N, R, d]`` unit region vectors."""
+        return l2norm(self.fc(features))
+
+
+class TextEncoder(nn.Module):
+    """Word embedding → bidirectional GRU → per word (forward + backward) / 2 → L2 per word."""
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, num_layers: int = 1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        self.gru = nn.GRU(word_dim, embed_dim, num_layers, batch_first=True, bidirectional=True)
+        self.embed_dim = embed_dim
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Return unit word vectors ``[B, L, d]`` (zeros past each length, L = tokens.shape[1])
+        and the sentence vector ``[B, d]``: the mean of both directions' final states."""
+        lengths_cpu = lengths.detach().to("cpu", torch.int64)
+        if lengths_cpu.numel() and int(lengths_cpu.min()) < 1:
+            raise ValueError("every caption needs at least one token")
+        packed = pack_padded_sequence(
+            self.embed(tokens), lengths_cpu, batch_first=True, enforce_sorted=False
+        )
+        out, hidden = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+        d = self.embed_dim
+        words = (out[..., :d] + out[..., d:]) / 2
+        sentence = (hidden[-2] + hidden[-1]) / 2
+        return l2norm(words), sentence

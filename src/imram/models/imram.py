@@ -1,0 +1,159 @@
+"""IMRAM (Chen et al., CVPR 2020): iterative matching with recurrent attention memory (SPEC §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from imram.config import ModelConfig
+from imram.models.attention import cross_attention, fragment_cosine, pool_fragments
+from imram.models.encoders import ImageEncoder, TextEncoder, length_mask
+from imram.models.memory import MemoryDistillation
+
+
+@dataclass
+class BranchTrace:
+    """What one branch computed at every step, for ``explain`` (query items Q, context items C).
+
+    ``attention[k]``: ``[Q, C, n, m]`` weights of step k+1; ``fragment_scores``: ``[Q, C, K, n]``
+    cosine of each original query fragment with its attended context; ``step_scores``:
+    ``[Q, C, K]`` the pooled score F_k.
+    """
+
+    attention: list[Tensor]
+    fragment_scores: Tensor
+    step_scores: Tensor
+
+
+def iterative_matching(
+    query: Tensor,
+    context: Tensor,
+    *,
+    steps: int,
+    lam: float,
+    memory: MemoryDistillation | None,
+    norm: str = "clipped_l2norm",
+    sim: str = "dot",
+    pooling: str = "avg",
+    lambda_lse: float = 6.0,
+    query_mask: Tensor | None = None,
+    context_mask: Tensor | None = None,
+    trace: bool = False,
+) -> Tensor | BranchTrace:
+    """Run K RAM steps for every (query item, context item) pair → ``[Q, C, K]`` step scores F_k.
+
+    Step k attends the current queries over the fixed context, scores the attended context
+    against the *original* query fragments, then updates the queries with the memory unit
+    (skipped after the last step, whose update is never used).
+    """
+    current = query
+    scores, weights_per_step, fragments = [], [], []
+    for k in range(steps):
+        attended, weights = cross_attention(
+            current, context, lam, norm, sim, query_mask=query_mask, context_mask=context_mask
+        )
+        cosines = fragment_cosine(query, attended)
+        scores.append(pool_fragments(cosines, query_mask, pooling, lambda_lse))
+        if trace:
+            weights_per_step.append(weights)
+            fragments.append(cosines)
+        if k + 1 < steps:
+            if memory is None:
+                raise ValueError("more than one step needs a memory distillation unit")
+            previous = current if current.dim() == 4 else current[:, None]
+            current = memory(previous, attended)
+    step_scores = torch.stack(scores, dim=-1)
+    if not trace:
+        return step_scores
+    if query_mask is not None:
+        fragments = [f.masked_fill(~query_mask[:, None, :], 0.0) for f in fragments]
+    return BranchTrace(weights_per_step, torch.stack(fragments, dim=2), step_scores)
+
+
+class IMRAM(nn.Module):
+    """Text-IMRAM (words query regions), Image-IMRAM (regions query words), or both summed."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config.img_dim, config.embed_dim)
+        self.text_encoder = TextEncoder(
+            config.vocab_size, config.word_dim, config.embed_dim, config.gru_layers
+        )
+        need_memory = config.steps > 1
+        self.text_memory = self._memory() if need_memory and self.uses("text") else None
+        self.image_memory = self._memory() if need_memory and self.uses("image") else None
+
+    def _memory(self) -> MemoryDistillation:
+        return MemoryDistillation(self.config.embed_dim, self.config.aggregator, self.config.renorm)
+
+    def uses(self, branch: str) -> bool:
+        """Whether the ``text`` or ``image`` branch contributes to the score."""
+        return self.config.branch in (branch, "full")
+
+    def encode_images(self, features: Tensor) -> Tensor:
+        """``[N, R, img_dim]`` raw region features → ``[N, R, d]`` unit region vectors."""
+        return self.image_encoder(features)
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """``[B, L]`` token ids → ``[B, L, d]`` unit word vectors (zero past each length)."""
+        return self.text_encoder(tokens, lengths)[0]
+
+    def _branches(
+        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor, trace: bool
+    ) -> dict[str, Tensor | BranchTrace]:
+        cfg = self.config
+        mask = length_mask(lengths.to(caption_emb.device), caption_emb.shape[1])
+        common = dict(
+            steps=cfg.steps,
+            norm=cfg.attn_norm,
+            sim=cfg.attn_sim,
+            pooling=cfg.pooling,
+            lambda_lse=cfg.lambda_lse,
+            trace=trace,
+        )
+        out: dict[str, Tensor | BranchTrace] = {}
+        if self.uses("text"):
+            out["text"] = iterative_matching(
+                caption_emb,
+                image_emb,
+                lam=cfg.lambda_softmax,
+                memory=self.text_memory,
+                query_mask=mask,
+                **common,
+            )
+        if self.uses("image"):
+            out["image"] = iterative_matching(
+                image_emb,
+                caption_emb,
+                lam=cfg.image_lambda,
+                memory=self.image_memory,
+                context_mask=mask,
+                **common,
+            )
+        return out
+
+    def step_scores(self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor) -> Tensor:
+        """Per-step scores ``[n_images, n_captions, K]``, the branches summed (Eq. 10)."""
+        branches = self._branches(image_emb, caption_emb, lengths, trace=False)
+        total = 0
+        for name, scores in branches.items():
+            total = total + (scores.transpose(0, 1) if name == "text" else scores)
+        return total
+
+    def similarity(self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor) -> Tensor:
+        """Scores of every image against every caption of a block → ``[n_images, n_captions]``."""
+        return self.step_scores(image_emb, caption_emb, lengths).sum(dim=-1)
+
+    @torch.no_grad()
+    def explain(
+        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor
+    ) -> dict[str, BranchTrace]:
+        """Per-branch attention weights and fragment scores of every step, for a block.
+
+        ``text`` traces are indexed ``[caption, image, …]`` (words attend over regions);
+        ``image`` traces ``[image, caption, …]`` (regions attend over words).
+        """
+        return self._branches(image_emb, caption_emb, lengths, trace=True)

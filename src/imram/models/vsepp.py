@@ -1,0 +1,42 @@
+"""VSE++ baseline (Faghri et al., BMVC 2018): one vector per image and per caption, dot product."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from imram.config import ModelConfig
+from imram.models.encoders import ImageEncoder, TextEncoder, l2norm, length_mask
+
+
+class VSEPP(nn.Module):
+    """Image = L2(mean of projected regions); caption = L2(final Bi-GRU state, or word mean)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config.img_dim, config.embed_dim)
+        self.text_encoder = TextEncoder(
+            config.vocab_size, config.word_dim, config.embed_dim, config.gru_layers
+        )
+
+    def encode_images(self, features: Tensor) -> Tensor:
+        """``[N, R, img_dim]`` → ``[N, d]`` unit image vectors."""
+        return l2norm(self.image_encoder.fc(features).mean(dim=1))
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """``[B, L]`` token ids → ``[B, d]`` unit caption vectors."""
+        words, sentence = self.text_encoder(tokens, lengths)
+        if self.config.text_pool == "last":
+            return l2norm(sentence)
+        mask = length_mask(lengths.to(words.device), words.shape[1])
+        summed = (words * mask[..., None]).sum(dim=1)
+        return l2norm(summed / mask.sum(dim=1, keepdim=True).to(words.dtype))
+
+    embed_images = encode_images
+    embed_captions = encode_captions
+
+    def similarity(
+        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
+    ) -> Tensor:
+        """``[n_images, n_captions]`` dot products (``lengths`` only keeps the common signature)."""
+        return image_emb @ caption_emb.T

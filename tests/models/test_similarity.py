@@ -1,0 +1,211 @@
+"""The batched scorer against the per-pair reference, for every model and option."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from imram.config import AGGREGATORS, ATTENTION_NORMS
+from imram.models import build_model, list_models
+from imram.scoring import reference_similarity
+
+SMALL = dict(vocab_size=40, word_dim=8, img_dim=12, embed_dim=16)
+LENGTHS = torch.tensor([5, 9, 2, 7, 1])
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _raw(dtype, seed=0, n_images=3):
+    """Region features and padded token ids for 3 images and 5 captions of mixed lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    features = torch.randn(n_images, 6, SMALL["img_dim"], generator=gen, dtype=dtype)
+    shape = (len(LENGTHS), int(LENGTHS.max()))
+    tokens = torch.randint(4, SMALL["vocab_size"], shape, generator=gen)
+    tokens = tokens.masked_fill(torch.arange(tokens.shape[1])[None] >= LENGTHS[:, None], 0)
+    return features, tokens
+
+
+def _inputs(model, dtype, seed=0):
+    features, tokens = _raw(dtype, seed)
+    return model.encode_images(features), model.encode_captions(tokens, LENGTHS)
+
+
+def _model(name, dtype, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(name, **SMALL, **overrides).to(dtype)
+
+
+CROSS = ["imram_full", "imram_text", "imram_image"]
+CASES = [
+    (name, steps, norm, agg)
+    for name, steps, norm, agg in itertools.product(CROSS, (1, 2, 3), ATTENTION_NORMS, AGGREGATORS)
+    if steps > 1 or agg == "ours"
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name,steps,norm,agg", CASES)
+def test_imram_matches_reference(name, steps, norm, agg, dtype):
+    model = _model(name, dtype, steps=steps, attn_norm=norm, aggregator=agg)
+    img, cap = _inputs(model, dtype)
+    batched = model.similarity(img, cap, LENGTHS)
+    reference = reference_similarity(model, img, cap, LENGTHS)
+    assert batched.shape == (3, len(LENGTHS))
+    assert (batched - reference).abs().max().item() <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("scan_t2i", {}),
+        ("scan_i2t", {}),
+        ("scan_t2i", {"pooling": "lse"}),
+        ("scan_i2t", {"pooling": "lse", "attn_norm": "relu_l2norm"}),
+        ("vsepp", {}),
+        ("vsepp", {"text_pool": "mean"}),
+        ("imram_full", {"attn_sim": "cosine"}),
+        ("imram_full", {"renorm": True, "aggregator": "gate"}),
+        ("imram_full", {"lambda_image": 4.0, "pooling": "lse", "lambda_lse": 5.0}),
+        ("imram_text", {"attn_sim": "cosine", "renorm": True, "steps": 3}),
+    ],
+)
+def test_other_models_and_options_match_reference(name, overrides, dtype):
+    model = _model(name, dtype, **overrides)
+    img, cap = _inputs(model, dtype)
+    diff = model.similarity(img, cap, LENGTHS) - reference_similarity(model, img, cap, LENGTHS)
+    assert diff.abs().max().item() <= TOLERANCE[dtype]
+
+
+def test_every_registered_name_is_covered():
+    covered = {c[0] for c in CASES} | {"scan_t2i", "scan_i2t", "vsepp"}
+    assert set(list_models()) == covered
+
+
+def _grads(model, sims):
+    """Gradient of a hinge-style loss that touches every entry of the score matrix."""
+    model.zero_grad()
+    weights = torch.linspace(-1.0, 1.0, sims.numel(), dtype=sims.dtype).reshape(sims.shape)
+    loss = (sims * weights).sum() + torch.relu(0.2 - sims.diagonal() + sims[:, -1]).sum()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    "name,overrides",
+    [(n, {}) for n in list_models()]
+    + [("imram_full", {"aggregator": a}) for a in AGGREGATORS if a != "ours"]
+    + [("imram_text", {"attn_norm": "relu_l2norm", "pooling": "lse"})],
+)
+def test_gradients_match_reference(name, overrides, dtype):
+    model = _model(name, dtype, **overrides)
+    features, tokens = _raw(dtype, seed=1)
+
+    def run(scorer):
+        img = model.encode_images(features)
+        cap = model.encode_captions(tokens, LENGTHS)
+        return _grads(model, scorer(img, cap))
+
+    batched = run(lambda i, c: model.similarity(i, c, LENGTHS))
+    reference = run(lambda i, c: reference_similarity(model, i, c, LENGTHS))
+    assert batched.keys() == reference.keys()
+    assert any(n.startswith("text_encoder.gru") for n in batched)
+    if name != "vsepp" and model.config.steps > 1 and model.config.aggregator != "add":
+        assert any("memory" in n for n in batched)
+    for key in batched:
+        assert torch.isfinite(batched[key]).all(), key
+        # Absolute bound for gradients up to 1, relative to the largest entry beyond that.
+        scale = max(1.0, reference[key].abs().max().item())
+        diff = (batched[key] - reference[key]).abs().max().item()
+        assert diff <= TOLERANCE[dtype] * scale, key
+
+
+def test_padding_is_invisible():
+    """Extra padding columns and garbage past each length change nothing."""
+    model = _model("imram_full", torch.float64)
+    img, cap = _inputs(model, torch.float64)
+    wider = torch.cat([cap, torch.randn(cap.shape[0], 4, cap.shape[2], dtype=cap.dtype)], dim=1)
+    wider[2, 2:] = torch.randn(wider.shape[1] - 2, cap.shape[2], dtype=cap.dtype)
+    base = model.similarity(img, cap, LENGTHS)
+    assert torch.allclose(model.similarity(img, wider, LENGTHS), base, atol=1e-12, rtol=0)
+
+
+def test_block_split_is_exact():
+    """Every pair's score is independent: scoring sub-blocks gives the same matrix."""
+    model = _model("imram_full", torch.float64)
+    img, cap = _inputs(model, torch.float64)
+    whole = model.similarity(img, cap, LENGTHS)
+    parts = torch.cat(
+        [model.similarity(img[i : i + 1], cap[2:], LENGTHS[2:]) for i in range(img.shape[0])]
+    )
+    assert torch.allclose(parts, whole[:, 2:], atol=1e-12, rtol=0)
+
+
+def test_full_is_text_plus_image():
+    full = _model("imram_full", torch.float64)
+    text = _model("imram_text", torch.float64)
+    image = _model("imram_image", torch.float64)
+    text.load_state_dict(full.state_dict(), strict=False)
+    image.load_state_dict(full.state_dict(), strict=False)
+    image.image_memory.load_state_dict(full.image_memory.state_dict())
+    img, cap = _inputs(full, torch.float64)
+    total = text.similarity(img, cap, LENGTHS) + image.similarity(img, cap, LENGTHS)
+    assert torch.allclose(full.similarity(img, cap, LENGTHS), total, atol=1e-12, rtol=0)
+
+
+def test_scan_t2i_is_one_step_text_imram():
+    scan = _model("scan_t2i", torch.float64)
+    imram = _model("imram_text", torch.float64, steps=1)
+    imram.load_state_dict(scan.state_dict())
+    img, cap = _inputs(scan, torch.float64)
+    assert torch.allclose(
+        scan.similarity(img, cap, LENGTHS), imram.similarity(img, cap, LENGTHS), atol=1e-12
+    )
+
+
+def test_reference_golden_single_pair():
+    """One word [1, 0] against regions [1, 0] and [0, 1], λ = 9, by hand."""
+    model = _model("scan_t2i", torch.float64)
+    word = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    regions = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    lengths = torch.tensor([1])
+    # Column norms over the single query: z̄ = [1/(1+1e-8), 0].
+    a0 = math.exp(9 / (1 + 1e-8))
+    alpha = torch.tensor([a0, 1.0], dtype=torch.float64) / (a0 + 1)
+    expected = alpha[0] / alpha.norm()
+    for scorer in (model.similarity, lambda i, c, n: reference_similarity(model, i, c, n)):
+        assert scorer(regions, word, lengths).item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_lse_pooling_approaches_max():
+    model = _model("scan_t2i", torch.float64, pooling="lse", lambda_lse=2000.0)
+    avg = _model("scan_t2i", torch.float64)
+    avg.load_state_dict(model.state_dict())
+    img, cap = _inputs(model, torch.float64)
+    trace = avg.explain(img, cap, LENGTHS)["text"]
+    best = (
+        trace.fragment_scores[..., 0, :]
+        .masked_fill(torch.arange(cap.shape[1])[None, None] >= LENGTHS[:, None, None], -2)
+        .amax(-1)
+    )
+    assert torch.allclose(model.similarity(img, cap, LENGTHS), best.T, atol=5e-3)
+
+
+def test_explain_traces():
+    model = _model("imram_full", torch.float64)
+    img, cap = _inputs(model, torch.float64)
+    traces = model.explain(img, cap, LENGTHS)
+    text, image = traces["text"], traces["image"]
+    assert len(text.attention) == 3 and text.attention[0].shape == (5, 3, 9, 6)
+    assert image.attention[2].shape == (3, 5, 6, 9)
+    for w in text.attention + image.attention:
+        assert torch.allclose(w.sum(-1), torch.ones_like(w[..., 0]))
+    # Padded words never receive attention from regions.
+    pad = torch.arange(9)[None] >= LENGTHS[:, None]
+    assert (image.attention[1].permute(1, 3, 0, 2)[pad] == 0).all()
+    assert (text.fragment_scores[pad[:, None, None, :].expand_as(text.fragment_scores)] == 0).all()
+    total = text.step_scores.sum(-1).T + image.step_scores.sum(-1)
+    assert torch.allclose(total, model.similarity(img, cap, LENGTHS), atol=1e-12)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from imram.errors import ImramError
 
@@ -23,20 +25,179 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vocab(args: argparse.Namespace) -> int:
+    from imram.data import Vocabulary
+
+    files = [Path(args.data) / f"{split}_caps.txt" for split in args.splits]
+    vocab = Vocabulary.from_caption_files(files, args.threshold)
+    vocab.save(args.out)
+    print(f"wrote {args.out}: {len(vocab)} words (threshold {args.threshold}, {len(files)} files)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from imram.config import load_config
+    from imram.training.trainer import train
+
+    source = args.config
+    if source is None:
+        if not args.resume:
+            raise_usage("train needs --config (or --resume with an existing --out)")
+        source = str(Path(args.out) / "config.yaml")
+    config = load_config(source, args.set)
+    result = train(
+        config, args.data, args.out, args.vocab, args.resume, args.device, not args.no_progress
+    )
+    state = "stopped at the time budget" if result.stopped_early else "finished"
+    print(
+        f"{state}: epoch {result.epoch}, iteration {result.iteration}, "
+        f"best validation rsum {result.best_rsum:.1f}; checkpoints in {result.run_dir}"
+    )
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    from imram.data import Vocabulary
+    from imram.errors import DataError
+    from imram.training.checkpoint import import_release_checkpoint, load_checkpoint
+
+    path = Path(args.checkpoint)
+    vocab = Vocabulary.load(args.vocab) if args.vocab else None
+    if path.is_file():
+        if vocab is None:
+            raise DataError(f"{path}: a release checkpoint has no vocabulary; pass --vocab")
+        return import_release_checkpoint(path, vocab)
+    checkpoint = load_checkpoint(path)
+    if vocab is not None and vocab != checkpoint.vocab:
+        raise DataError(
+            f"{args.vocab}: vocabulary does not match the checkpoint's "
+            f"({len(vocab)} vs {len(checkpoint.vocab)} words)"
+        )
+    return checkpoint
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        from imram.data.text import atomic_write_text
+
+        atomic_write_text(path, json.dumps(payload, indent=1))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from imram.data import PrecompDataset
+    from imram.evaluation import evaluate_model
+    from imram.metrics import format_table
+    from imram.training.trainer import default_device
+
+    device = args.device or default_device()
+    checkpoint = _load_model(args)
+    dataset = PrecompDataset(args.data, args.split, checkpoint.vocab)
+    model = checkpoint.model.to(device)
+    metrics, sims, _ = evaluate_model(
+        model, dataset, args.protocol, batch_size=args.batch_size, device=device
+    )
+    title = f"{checkpoint.config.model.name} on {args.split} ({args.protocol})"
+    print(format_table(metrics, title=title))
+    _write_json(
+        args.json,
+        {
+            "checkpoint": str(checkpoint.path),
+            "split": args.split,
+            "protocol": args.protocol,
+            **metrics,
+        },
+    )
+    if args.save_sims:
+        np.save(args.save_sims, sims)
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from imram.data import PrecompDataset
+    from imram.evaluation import ensemble
+    from imram.metrics import format_table
+
+    dataset = PrecompDataset(args.data, args.split, None)
+    metrics = ensemble(args.matrices, dataset, args.protocol)
+    print(format_table(metrics, title=f"ensemble of {len(args.matrices)} on {args.split}"))
+    _write_json(
+        args.json,
+        {"matrices": args.matrices, "split": args.split, "protocol": args.protocol, **metrics},
+    )
+    return 0
+
+
+class _UsageError(ImramError):
+    pass
+
+
+def raise_usage(message: str) -> None:
+    raise _UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from imram.metrics import PROTOCOLS
+
     parser = argparse.ArgumentParser(
         prog="imram", description="Cross-modal image-text retrieval: IMRAM, SCAN, VSE++."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo", help="build a model and score random features against the reference"
-    )
+
+    demo = commands.add_parser("demo", help="build a model and score random features")
     demo.add_argument("--model", default="imram_full", help="registered model name")
-    demo.add_argument(
-        "--images", type=int, default=16, help="images (5 captions each)"
-    )
+    demo.add_argument("--images", type=int, default=16, help="images (5 captions each)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    vocab = commands.add_parser("vocab", help="build a vocabulary from a precomp folder")
+    vocab.add_argument("--data", required=True, help="precomp folder")
+    vocab.add_argument("--out", required=True, help="output JSON (the release's layout)")
+    vocab.add_argument("--threshold", type=int, default=4, help="minimum word count (default 4)")
+    vocab.add_argument("--splits", nargs="+", default=["train", "dev"], help="caption splits")
+    vocab.set_defaults(func=_vocab)
+
+    train = commands.add_parser("train", help="train a model on a precomp folder")
+    train.add_argument("--config", help="preset name or YAML file (default with --resume: RUN's)")
+    train.add_argument("--data", required=True, help="precomp folder")
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--vocab", help="vocabulary JSON (default: built from train+dev)")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. model.steps=1 (repeatable)",
+    )
+    train.add_argument("--resume", action="store_true", help="continue RUN/last exactly")
+    train.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("evaluate", help="R@K of a checkpoint on a split")
+    evaluate.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run dir, checkpoint dir, or the release's model_best.pth.tar",
+    )
+    evaluate.add_argument("--data", required=True, help="precomp folder")
+    evaluate.add_argument("--split", default="test", help="split name (default test)")
+    evaluate.add_argument("--protocol", choices=PROTOCOLS, default="1k")
+    evaluate.add_argument("--vocab", help="vocabulary JSON (required for a release checkpoint)")
+    evaluate.add_argument("--json", help="write the metrics here")
+    evaluate.add_argument("--save-sims", help="save the similarity matrix (.npy)")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    evaluate.set_defaults(func=_evaluate)
+
+    ens = commands.add_parser("ensemble", help="average saved similarity matrices")
+    ens.add_argument("matrices", nargs="+", help="matrices saved by evaluate --save-sims")
+    ens.add_argument("--data", required=True, help="precomp folder")
+    ens.add_argument("--split", default="test")
+    ens.add_argument("--protocol", choices=PROTOCOLS, default="1k")
+    ens.add_argument("--json", help="write the metrics here")
+    ens.set_defaults(func=_ensemble)
     return parser
 
 

@@ -91,3 +91,201 @@ class ModelConfig:
                 + ", ".join(sorted(known))
             )
         return cls(**values)
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (SPEC §5): Adam with step decay, hinge loss, validation and budgets."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-4
+    lr_decay_epochs: int = 15
+    lr_decay: float = 0.1
+    grad_clip: float = 2.0
+    margin: float = 0.2
+    hardest_negative: bool = True
+    warmup_epochs: int = 0
+    val_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    max_minutes: float = 0.0
+    max_pairs: int = 262144
+
+    def validate(self) -> None:
+        for key in ("epochs", "batch_size", "lr_decay_epochs", "log_every", "max_pairs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 1")
+        for key in ("warmup_epochs", "val_every", "max_minutes"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 0")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr!r} must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Which splits to read and how the vocabulary is built."""
+
+    train_split: str = "train"
+    val_split: str = "dev"
+    val_captions: int = 5000
+    vocab_threshold: int = 4
+
+    def validate(self) -> None:
+        if self.val_captions < 1 or self.vocab_threshold < 1:
+            raise ConfigError("data.val_captions and data.vocab_threshold must be >= 1")
+
+
+@dataclass
+class Config:
+    """The whole run: ``model``, ``train``, ``data`` and the numeric ``precision``."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    precision: str = "fp32"
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        self.data.validate()
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
+        """Build from a nested mapping; the model section is resolved through the registry."""
+        from imram.models.registry import model_config
+
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"{source}: expected a mapping of sections, got {type(values).__name__}"
+            )
+        sections = {"model", "train", "data", "precision"}
+        unknown = sorted(set(values) - sections)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; valid: "
+                + ", ".join(sorted(sections))
+            )
+        model_values = dict(values.get("model") or {})
+        name = model_values.pop("name", "imram_full")
+        try:
+            config = cls(
+                model=model_config(name, **model_values),
+                train=_section(TrainConfig, values.get("train"), "train"),
+                data=_section(DataConfig, values.get("data"), "data"),
+                precision=values.get("precision", "fp32"),
+            )
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+        config.validate()
+        return config
+
+
+def _section(cls: type, values: Any, name: str) -> Any:
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; valid: "
+            + ", ".join(f"{name}.{k}" for k in sorted(known))
+        )
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            values[f.name] = _coerce(values[f.name], type(f.default), f"{name}.{f.name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: type, key: str) -> Any:
+    """Check a scalar against its field's type; YAML's ``2e-4`` (a string) becomes a float."""
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, bool, str) and (
+        not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}={value!r} must be of type {kind.__name__}")
+    return value
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped in ``imram/presets``."""
+    from importlib.resources import files
+
+    return sorted(p.name[:-5] for p in files("imram.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML ({err})") from None
+    return values or {}
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], value parsed as a YAML scalar)."""
+    import yaml
+
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. model.steps=1")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(preset_or_path: str, overrides: list[str] | None = None) -> Config:
+    """A preset name or a YAML file, then ``--set`` overrides in order, validated."""
+    from importlib.resources import files
+    from pathlib import Path
+
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        source = str(path)
+        values = _read_yaml(path.read_text(encoding="utf-8"), source)
+    else:
+        if preset_or_path not in list_presets():
+            raise ConfigError(
+                f"unknown preset {preset_or_path!r}; presets: {', '.join(list_presets())}"
+            )
+        source = f"preset {preset_or_path}"
+        text = files("imram.presets").joinpath(f"{preset_or_path}.yaml").read_text("utf-8")
+        values = _read_yaml(text, source)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return Config.from_dict(values, source)
+
+
+def save_config(config: Config, path: Any) -> None:
+    """Write the resolved config as YAML (atomically), loadable by :func:`load_config`."""
+    import yaml
+
+    from imram.data.text import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -90,10 +90,11 @@ def _caption_images(
 class PrecompDataset(Dataset):
     """One split of a precomp folder; item j is caption j with its image's region features.
 
-    Features stay memory-mapped (COCO train is ~33 GB); captions are tokenised once at open.
+    Features stay memory-mapped (COCO train is ~33 GB); captions are tokenised once at open
+    (not at all without a vocabulary, for callers that need only the layout).
     """
 
-    def __init__(self, root: str | Path, split: str, vocab: Vocabulary) -> None:
+    def __init__(self, root: str | Path, split: str, vocab: Vocabulary | None) -> None:
         self.root = Path(root)
         self.split = split
         self.vocab = vocab
@@ -106,7 +107,7 @@ class PrecompDataset(Dataset):
         self.features_path = find_features(self.root, split)
         self.features = open_features(self.features_path)
         self.captions = read_captions(self.captions_path)
-        self.tokens = [vocab.encode(c) for c in self.captions]
+        self.tokens = [vocab.encode(c) for c in self.captions] if vocab is not None else []
         self.cap2img = _caption_images(
             self.root / f"{split}_cap2img.npy",
             self.captions_path,

@@ -1,0 +1,96 @@
+"""Evaluate a model on a precomp split under a published protocol (SPEC §7)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from imram.data import PrecompDataset, pad_captions
+from imram.errors import DataError
+from imram.metrics import evaluate_sims
+from imram.scoring import block_similarity
+
+
+@torch.no_grad()
+def encode_split(
+    model: nn.Module,
+    dataset: PrecompDataset,
+    image_indices: Sequence[int],
+    caption_indices: Sequence[int],
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Encode each listed image once and each listed caption once → (images, captions, lengths).
+
+    Caption embeddings are padded to the longest caption of the whole set.
+    """
+    images = [
+        model.encode_images(dataset.images(image_indices[s : s + batch_size]).to(device))
+        for s in range(0, len(image_indices), batch_size)
+    ]
+    token_lists = [dataset.caption_tokens(j) for j in caption_indices]
+    longest = max(len(t) for t in token_lists)
+    captions, lengths = [], []
+    for s in range(0, len(token_lists), batch_size):
+        tokens, lens = pad_captions(token_lists[s : s + batch_size])
+        emb = model.encode_captions(tokens.to(device), lens.to(device))
+        if emb.dim() == 3 and emb.shape[1] < longest:
+            emb = torch.nn.functional.pad(emb, (0, 0, 0, longest - emb.shape[1]))
+        captions.append(emb)
+        lengths.append(lens)
+    return torch.cat(images), torch.cat(captions), torch.cat(lengths).to(device)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    dataset: PrecompDataset,
+    protocol: str = "1k",
+    max_captions: int | None = None,
+    batch_size: int = 128,
+    max_pairs: int = 262144,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """Score the split (or its first ``max_captions`` captions and their images).
+
+    Returns the metrics, the ``[n_images, n_captions]`` float32 matrix and its cap2img.
+    """
+    was_training = model.training
+    model.eval()
+    n_cap = (
+        dataset.num_captions if max_captions is None else min(max_captions, dataset.num_captions)
+    )
+    caption_indices = np.arange(n_cap)
+    image_indices, cap2img = np.unique(dataset.cap2img[:n_cap], return_inverse=True)
+    img, cap, lengths = encode_split(
+        model, dataset, image_indices.tolist(), caption_indices.tolist(), batch_size, device
+    )
+    sims = block_similarity(model, img, cap, lengths, max_pairs).float().cpu().numpy()
+    model.train(was_training)
+    return evaluate_sims(sims, cap2img, protocol), sims, cap2img
+
+
+def ensemble(
+    matrices: Sequence[str | Path], dataset: PrecompDataset, protocol: str
+) -> dict[str, Any]:
+    """Average saved similarity matrices (SCAN-style ensembles) and evaluate the mean."""
+    total = None
+    for path in matrices:
+        try:
+            sims = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: not a readable .npy matrix ({err})") from None
+        expected = (dataset.num_images, dataset.num_captions)
+        if sims.shape != expected:
+            raise DataError(
+                f"{path}: shape {sims.shape} does not match split {dataset.split!r} {expected}"
+            )
+        total = np.array(sims, dtype=np.float64) if total is None else total + sims
+    if total is None:
+        raise DataError("ensemble needs at least one similarity matrix")
+    return evaluate_sims(total / len(matrices), dataset.cap2img, protocol)

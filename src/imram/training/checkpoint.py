@@ -1,0 +1,294 @@
+"""Checkpoints that cannot run code on load, written atomically, and the release importer.
+
+A checkpoint is a directory: ``model.safetensors`` (weights), ``checkpoint.json`` (the resolved
+config, the vocabulary, the training position) and, for resuming, ``trainer.safetensors`` (the
+optimizer's tensors and the RNG state). No pickle is written or read, except by the importer of
+the original release's ``model_best.pth.tar``, which unpickles with ``weights_only=True`` and
+only ``argparse.Namespace`` and numpy scalar types allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from imram.config import Config
+from imram.data.text import Vocabulary
+from imram.errors import DataError
+from imram.models import build_model
+
+FORMAT = "imram-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (eval mode), its config and vocabulary, and its position."""
+
+    model: nn.Module
+    config: Config
+    vocab: Vocabulary | None
+    path: Path
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into safetensors-able tensors and a JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors, plain = {}, {}
+    for idx, entries in state["state"].items():
+        plain[str(idx)] = {}
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[str(idx)][name] = value
+    return tensors, {"state": plain, "param_groups": state["param_groups"]}
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, layout: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for idx, entries in layout["state"].items():
+        state[int(idx)] = dict(entries)
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    config: Config,
+    vocab: Vocabulary,
+    state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write a checkpoint directory atomically: built beside ``path``, then swapped in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": FORMAT})
+        meta = {
+            "format": FORMAT,
+            "config": config.to_dict(),
+            "vocab": vocab.to_json(),
+            "vocab_fingerprint": vocab.fingerprint(),
+            "state": state or {},
+        }
+        if optimizer is not None:
+            tensors, layout = _optimizer_tensors(optimizer)
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_file(tensors, tmp / "trainer.safetensors", metadata={"format": FORMAT})
+            meta["optimizer"] = layout
+        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        for child in tmp.iterdir():
+            with open(child, "rb") as handle:
+                os.fsync(handle.fileno())
+        old = path.parent / f".{path.name}.old"
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory resolves to its ``best/`` (else ``last/``); a checkpoint dir to itself."""
+    path = Path(path)
+    if (path / "checkpoint.json").is_file():
+        return path
+    for name in ("best", "last"):
+        if (path / name / "checkpoint.json").is_file():
+            return path / name
+    old = path.parent / f".{path.name}.old"
+    if (old / "checkpoint.json").is_file():  # a crash between the two renames of a swap
+        return old
+    raise DataError(f"{path}: no checkpoint here (looked for checkpoint.json, best/, last/)")
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / "checkpoint.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{path / 'checkpoint.json'}: unreadable ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{path / 'checkpoint.json'}: not an imram checkpoint ({FORMAT})")
+    return meta
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Load a run or checkpoint directory, or a release ``.pth.tar`` (through the importer)."""
+    path = Path(path)
+    if path.is_file():
+        return import_release_checkpoint(path)
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    config = Config.from_dict(meta["config"], str(path / "checkpoint.json"))
+    vocab = Vocabulary.from_json(meta["vocab"], str(path / "checkpoint.json"))
+    model = build_model(config.model)
+    try:
+        weights = load_file(path / "model.safetensors", device=str(map_location))
+    except (OSError, SafetensorError) as err:
+        raise DataError(f"{path / 'model.safetensors'}: unreadable weights ({err})") from None
+    _load_weights(model, weights, str(path / "model.safetensors"))
+    return Checkpoint(model.eval(), config, vocab, path, meta.get("state", {}))
+
+
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    wrong = sorted(k for k in set(own) & set(weights) if own[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{k} has shape {tuple(weights[k].shape)}, model has {tuple(own[k].shape)}"
+            )
+        raise DataError(f"{source}: weights do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(weights)
+
+
+def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore the optimizer and the torch RNG saved beside a checkpoint's weights."""
+    meta = read_meta(path)
+    tensors = load_file(path / "trainer.safetensors")
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+_RELEASE_MODES = {
+    "full_IMRAM": "imram_full",
+    "text_IMRAM": "imram_text",
+    "image_IMRAM": "imram_image",
+}
+_RELEASE_KEYS = (
+    ("img_enc.fc_local.", "image_encoder.fc."),
+    ("img_enc.fc.", "image_encoder.fc."),
+    ("txt_enc.embed.", "text_encoder.embed."),
+    ("txt_enc.rnn.", "text_encoder.gru."),
+    ("linear_t2i.", "text_memory.fuse."),
+    ("gate_t2i.", "text_memory.gate."),
+    ("linear_i2t.", "image_memory.fuse."),
+    ("gate_i2t.", "image_memory.gate."),
+)
+
+
+def _release_globals() -> list:
+    """The only classes a release checkpoint may instantiate: its options and numpy scalars."""
+    multiarray = getattr(np, "_core", np).multiarray
+    dtypes = [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return [argparse.Namespace, multiarray.scalar, np.dtype, *dtypes]
+
+
+@dataclass
+class ImportReport:
+    """What the importer mapped, ignored and could not find."""
+
+    loaded: list[str]
+    unused: list[str]
+    unknown: list[str]
+    missing: list[str]
+
+
+def import_release_checkpoint(path: str | Path, vocab: Vocabulary | None = None) -> Checkpoint:
+    """Build our model from the original IMRAM release's ``model_best.pth.tar``.
+
+    The release keeps ``{'model': state_dict, 'opt': Namespace, ...}`` with ``module.``-prefixed
+    keys; the report lists every key we could not place (``state['import_report']``).
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_release_globals()):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise DataError(
+            f"{path}: refused: not a release checkpoint loadable without executing code "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    if not isinstance(raw, dict) or "model" not in raw or "opt" not in raw:
+        raise DataError(f"{path}: a release checkpoint is a dict with 'model' and 'opt'")
+    opt = raw["opt"]
+    state = raw["model"]
+    if isinstance(state, (list, tuple)):  # SCAN's layout: [img_enc, txt_enc, ...]
+        state = {
+            f"{prefix}.{k}": v
+            for prefix, part in zip(("img_enc", "txt_enc"), state, strict=False)
+            for k, v in part.items()
+        }
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    mode = getattr(opt, "model_mode", "full_IMRAM")
+    if mode not in _RELEASE_MODES:
+        raise DataError(
+            f"{path}: opt.model_mode={mode!r} is not one of {', '.join(_RELEASE_MODES)}"
+        )
+    if not getattr(opt, "bi_gru", True):
+        raise DataError(f"{path}: opt.bi_gru is False; only the bidirectional GRU is supported")
+    norm = getattr(opt, "raw_feature_norm", "clipped_l2norm")
+    if norm not in ("clipped_l2norm",):
+        raise DataError(f"{path}: opt.raw_feature_norm={norm!r} is not supported")
+    overrides = dict(
+        vocab_size=int(getattr(opt, "vocab_size", len(vocab) if vocab else 0)),
+        word_dim=int(getattr(opt, "word_dim", 300)),
+        embed_dim=int(getattr(opt, "embed_size", 1024)),
+        img_dim=int(getattr(opt, "img_dim", 2048)),
+        gru_layers=int(getattr(opt, "num_layers", 1)),
+        steps=int(getattr(opt, "iteration_step", 3)),
+        lambda_softmax=float(getattr(opt, "lambda_softmax", 9.0)),
+        renorm=not bool(getattr(opt, "no_IMRAM_norm", True)),
+    )
+    if vocab is not None and len(vocab) != overrides["vocab_size"]:
+        raise DataError(
+            f"{path}: the vocabulary has {len(vocab)} words, "
+            f"the checkpoint {overrides['vocab_size']}"
+        )
+    config = Config.from_dict({"model": {"name": _RELEASE_MODES[mode], **overrides}}, str(path))
+    model = build_model(config.model)
+    own = model.state_dict()
+    mapped, unused, unknown = {}, [], []
+    for key, value in state.items():
+        ours = next(
+            (new + key[len(old) :] for old, new in _RELEASE_KEYS if key.startswith(old)), None
+        )
+        if ours is None:
+            unknown.append(key)
+        elif ours not in own:
+            unused.append(key)
+        else:
+            mapped[ours] = value
+    missing = sorted(set(own) - set(mapped))
+    if missing:
+        raise DataError(f"{path}: the checkpoint lacks {', '.join(missing)}")
+    _load_weights(model, mapped, str(path))
+    report = ImportReport(sorted(mapped), sorted(unused), sorted(unknown), missing)
+    best = raw.get("best_rsum")
+    info = {
+        "import_report": report.__dict__,
+        "epoch": raw.get("epoch"),
+        "best_rsum": float(best) if best is not None else None,
+    }
+    return Checkpoint(model.eval(), config, vocab, path, info)

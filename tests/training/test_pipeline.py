@@ -1,0 +1,151 @@
+"""Train → checkpoint → evaluate, end to end on learnable toy data, through the real command."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imram.cli import main
+from imram.config import load_config
+from imram.metrics import chance_metrics, evaluate_sims
+from imram.training.trainer import train
+
+SMALL = [
+    "model.embed_dim=64",
+    "model.word_dim=32",
+    "model.img_dim=32",
+    "train.batch_size=32",
+    "train.lr=2e-3",
+    "train.warmup_epochs=1",
+    "data.vocab_threshold=1",
+]
+
+
+def _sets(*extra):
+    return [arg for item in (*SMALL, *extra) for arg in ("--set", item)]
+
+
+@pytest.mark.parametrize("preset", ["f30k_full_imram", "scan_t2i", "vsepp"])
+def test_training_lifts_rsum_far_above_chance(toy_data, tmp_path, preset):
+    start = time.monotonic()
+    run = tmp_path / preset
+    argv = ["train", "--config", preset, "--data", str(toy_data), "--out", str(run)]
+    assert main([*argv, *_sets("train.epochs=5"), "--no-progress"]) == 0
+    out = tmp_path / "test.json"
+    sims = tmp_path / "sims.npy"
+    argv = ["evaluate", "--checkpoint", str(run), "--data", str(toy_data), "--split", "test"]
+    assert main([*argv, "--json", str(out), "--save-sims", str(sims)]) == 0
+    elapsed = time.monotonic() - start
+    metrics = json.loads(out.read_text())
+    chance = chance_metrics(25, 125)["rsum"]
+    assert metrics["rsum"] > 3 * chance, metrics
+    assert elapsed < 60
+    assert np.load(sims).shape == (25, 125)
+    assert (run / "config.yaml").is_file() and (run / "best").is_dir()
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in events if e["event"] == "val"] == [0, 1, 2, 3, 4]
+    assert any(e["event"] == "train" and "samples_per_s" in e for e in events)
+
+
+def _weights(run):
+    return load_file(run / "last" / "model.safetensors")
+
+
+def _config(*extra):
+    return load_config("f30k_full_imram", [*SMALL, "train.log_every=1", *extra])
+
+
+def test_resume_after_epoch_one_equals_uninterrupted(toy_data, tmp_path):
+    whole = train(_config("train.epochs=2"), toy_data, tmp_path / "whole", progress=False)
+    train(_config("train.epochs=1"), toy_data, tmp_path / "split", progress=False)
+    resumed = train(
+        _config("train.epochs=2"), toy_data, tmp_path / "split", resume=True, progress=False
+    )
+    assert resumed.iteration == whole.iteration and resumed.epoch == 2
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.best_rsum == whole.best_rsum
+
+
+def test_resume_mid_epoch_from_time_budget(toy_data, tmp_path):
+    """A tiny budget stops after every batch; resuming until done replays the same run."""
+    train(_config("train.epochs=2"), toy_data, tmp_path / "whole", progress=False)
+    budget = _config("train.epochs=2", "train.max_minutes=1e-9")
+    result = train(budget, toy_data, tmp_path / "cut", progress=False)
+    stops = 0
+    while result.stopped_early:
+        stops += 1
+        result = train(budget, toy_data, tmp_path / "cut", resume=True, progress=False)
+    assert stops >= 10  # 8 batches per epoch, so it stopped inside epochs
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_directory_is_not_overwritten(toy_data, tmp_path):
+    train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
+    argv = ["train", "--config", "vsepp", "--data", str(toy_data), "--out", str(tmp_path / "run")]
+    assert main([*argv, *_sets("train.epochs=1"), "--no-progress"]) == 2
+
+
+def test_resume_refuses_a_different_model(toy_data, tmp_path):
+    train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
+    with pytest.raises(Exception, match="model config differs"):
+        train(_config("model.steps=2"), toy_data, tmp_path / "run", resume=True, progress=False)
+
+
+def test_ensemble_averages_saved_matrices(toy_data, tmp_path):
+    train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
+    paths = []
+    for name in ("a", "b"):
+        paths.append(str(tmp_path / f"{name}.npy"))
+        argv = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(toy_data)]
+        assert main([*argv, "--save-sims", paths[-1]]) == 0
+    rng = np.random.default_rng(0)
+    np.save(paths[1], np.load(paths[1]) + rng.standard_normal((25, 125)).astype(np.float32))
+    out = tmp_path / "ens.json"
+    assert main(["ensemble", *paths, "--data", str(toy_data), "--json", str(out)]) == 0
+    mean = (np.load(paths[0]).astype(np.float64) + np.load(paths[1])) / 2
+    expected = evaluate_sims(mean, np.arange(125) // 5)
+    assert json.loads(out.read_text())["rsum"] == pytest.approx(expected["rsum"])
+
+
+def _one_line_error(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bad_input_gives_one_line_errors(toy_data, tmp_path, capsys):
+    train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
+    run, data = str(tmp_path / "run"), str(toy_data)
+    evaluate = ["evaluate", "--checkpoint", run, "--data", data]
+    _one_line_error(capsys, [*evaluate, "--split", "val"], "split 'val' has no captions")
+    (tmp_path / "other.json").write_text(
+        json.dumps(
+            {
+                "word2idx": {"<pad>": 0, "<start>": 1, "<end>": 2, "<unk>": 3},
+                "idx2word": {"0": "<pad>", "1": "<start>", "2": "<end>", "3": "<unk>"},
+                "idx": 4,
+            }
+        )
+    )
+    _one_line_error(capsys, [*evaluate, "--vocab", str(tmp_path / "other.json")], "does not match")
+    base = ["train", "--data", data, "--out", str(tmp_path / "new"), "--no-progress"]
+    _one_line_error(capsys, [*base, "--config", "f30k_fulll"], "unknown preset 'f30k_fulll'")
+    _one_line_error(
+        capsys, [*base, "--config", "vsepp", "--set", "train.epoch=3"], "unknown key(s) train.epoch"
+    )
+    _one_line_error(
+        capsys, [*base, "--config", "vsepp", "--set", "model.stepz=3"], "unknown model config key"
+    )
+    _one_line_error(
+        capsys,
+        ["evaluate", "--checkpoint", str(tmp_path / "nothing"), "--data", data],
+        "no checkpoint here",
+    )

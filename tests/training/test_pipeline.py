@@ -153,6 +153,6 @@ def test_bad_input_gives_one_line_errors(toy_data, tmp_path, capsys):
 
 def test_bf16_autocast_trains_on_cpu(toy_data, tmp_path):
     result = train(
-        _config("train.epochs=3", "precision=bf16"), toy_data, tmp_path / "bf16", progress=False
+        _config("train.epochs=1", "precision=bf16"), toy_data, tmp_path / "bf16", progress=False
     )
-    assert result.best_rsum > 2 * chance_metrics(25, 125)["rsum"]
+    assert result.best_rsum > 1.5 * chance_metrics(25, 125)["rsum"]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from nltk.tokenize import word_tokenize
 
@@ -16,6 +17,9 @@ from imram.errors import DataError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+PAD_ID, START_ID, END_ID, UNK_ID = range(4)
+
+_BOM = "\ufeff"
 
 
 def tokenize(text: str) -> list[str]:
@@ -23,36 +27,60 @@ def tokenize(text: str) -> list[str]:
     return word_tokenize(text.lower(), preserve_line=True)
 
 
-def read_captions(path: str | Path) -> list[str]:
-    """One caption per line, strict UTF-8; an undecodable or empty line is an error naming it."""
+def read_lines(path: str | Path, what: str = "caption") -> list[str]:
+    """Non-empty stripped lines of a strict UTF-8 file; errors name the file, line and ``what``.
+
+    Line endings may be ``\\n`` or ``\\r\\n``, a final newline is optional and a leading UTF-8
+    byte-order mark is dropped (it would otherwise glue itself to the first word).
+    """
     path = Path(path)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: captions file not found") from None
+        raise DataError(f"{path}: {what}s file not found") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the {what}s file ({err.strerror or err})") from None
     lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
+    if lines[-1] == b"":
         lines.pop()
-    captions = []
+    texts = []
     for number, line in enumerate(lines, start=1):
         try:
-            text = line.decode("utf-8").strip()
+            text = line.decode("utf-8")
         except UnicodeDecodeError as err:
             raise DataError(
                 f"{path}, line {number}: not valid UTF-8 (byte {line[err.start]:#04x} "
-                f"at column {err.start + 1})"
+                f"at column {err.start + 1}); expected one UTF-8 {what} per line"
             ) from None
+        if number == 1 and text.startswith(_BOM):
+            text = text[1:]
+        text = text.strip()
         if not text:
-            raise DataError(f"{path}, line {number}: empty caption")
-        captions.append(text)
-    return captions
+            raise DataError(f"{path}, line {number}: empty {what}; expected one {what} per line")
+        texts.append(text)
+    return texts
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """One caption per line, strict UTF-8; an undecodable or empty line is an error naming it."""
+    return read_lines(path, "caption")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it over ``path``.
+
+    Readers see the old file or the new one, never half of it; the new file gets the usual
+    umask-derived permissions rather than a private temp file's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -60,7 +88,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -68,34 +96,42 @@ class Vocabulary:
     """Word ↔ id map, ``<pad>=0 <start>=1 <end>=2 <unk>=3``, saved in the release's JSON layout."""
 
     def __init__(self, words: Sequence[str]) -> None:
+        words = list(words)
         if tuple(words[:4]) != SPECIALS:
             raise ValueError(f"a vocabulary starts with {SPECIALS}, got {tuple(words[:4])}")
-        self.words = list(words)
-        self.word2idx = {w: i for i, w in enumerate(self.words)}
-        if len(self.word2idx) != len(self.words):
+        self.words = words
+        self.word2idx = {w: i for i, w in enumerate(words)}
+        if len(self.word2idx) != len(words):
             raise ValueError("a vocabulary lists each word once")
 
     def __len__(self) -> int:
         return len(self.words)
 
     def __call__(self, word: str) -> int:
-        return self.word2idx.get(word, 3)
+        """Id of ``word``; words outside the vocabulary map to ``<unk>`` (3)."""
+        return self.word2idx.get(word, UNK_ID)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.words == other.words
+        if not isinstance(other, Vocabulary):
+            return NotImplemented
+        return self.words == other.words
 
     def __repr__(self) -> str:
         return f"Vocabulary({len(self)} words)"
 
     def word(self, idx: int) -> str:
+        """The word with id ``idx``; ids outside ``[0, len)`` raise IndexError."""
+        if not 0 <= idx < len(self.words):
+            raise IndexError(f"id {idx} is outside the vocabulary [0, {len(self.words)})")
         return self.words[idx]
 
     def encode(self, caption: str) -> list[int]:
         """``[<start>] + ids of the tokens + [<end>]``; unknown words map to ``<unk>``."""
-        return [1, *(self(t) for t in tokenize(caption)), 2]
+        return [START_ID, *(self(t) for t in tokenize(caption)), END_ID]
 
     def decode(self, ids: Iterable[int]) -> list[str]:
-        return [self.words[i] for i in ids]
+        """Words of ``ids``, markers and padding included (the inverse of the id lookup)."""
+        return [self.word(int(i)) for i in ids]
 
     def fingerprint(self) -> str:
         """SHA-256 of the ordered word list: equal fingerprints mean identical id assignments."""
@@ -112,11 +148,17 @@ class Vocabulary:
         return cls([*SPECIALS, *kept])
 
     @classmethod
-    def from_caption_files(cls, paths: Iterable[str | Path], threshold: int = 4) -> Vocabulary:
+    def from_caption_files(
+        cls, paths: str | Path | Iterable[str | Path], threshold: int = 4
+    ) -> Vocabulary:
+        """Build from caption files (in practice train and dev), one caption per line."""
+        if isinstance(paths, str | Path):
+            paths = [paths]
         captions = [c for path in paths for c in read_captions(path)]
         return cls.build(captions, threshold)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
+        """The release's layout: ``{"word2idx": …, "idx2word": {"0": "<pad>", …}, "idx": N}``."""
         return {
             "word2idx": dict(self.word2idx),
             "idx2word": {str(i): w for i, w in enumerate(self.words)},
@@ -130,26 +172,31 @@ class Vocabulary:
     @classmethod
     def from_json(cls, data: object, source: str = "<vocabulary>") -> Vocabulary:
         """Read and check the release's layout; ``source`` names the origin in errors."""
+        expected = "a JSON object with word2idx, idx2word and idx"
         if not isinstance(data, dict):
-            raise DataError(f"{source}: a vocabulary is a JSON object with word2idx, idx2word, idx")
+            raise DataError(f"{source}: expected {expected}, found {type(data).__name__}")
         missing = [k for k in ("word2idx", "idx2word", "idx") if k not in data]
         if missing:
             raise DataError(f"{source}: vocabulary JSON lacks key(s) {', '.join(missing)}")
         word2idx, idx2word, size = data["word2idx"], data["idx2word"], data["idx"]
-        if not isinstance(size, int) or len(idx2word) != size or len(word2idx) != size:
+        if not isinstance(word2idx, dict) or not isinstance(idx2word, dict):
+            raise DataError(f"{source}: word2idx and idx2word must be JSON objects")
+        if type(size) is not int or len(idx2word) != size or len(word2idx) != size:
             raise DataError(
                 f"{source}: idx={size!r} but idx2word has {len(idx2word)} and word2idx "
-                f"{len(word2idx)} entries"
+                f"{len(word2idx)} entries; expected idx to be the number of words"
             )
         words = []
         for i in range(size):
             word = idx2word.get(str(i))
             if word is None:
                 raise DataError(f"{source}: idx2word has no id {i} (ids must be 0..{size - 1})")
-            if word2idx.get(word) != i:
+            if not isinstance(word, str):
+                raise DataError(f"{source}: idx2word[{i}] is {word!r}, expected a string")
+            other = word2idx.get(word)
+            if type(other) is not int or other != i:
                 raise DataError(
-                    f"{source}: idx2word[{i}] = {word!r} but word2idx[{word!r}] = "
-                    f"{word2idx.get(word)!r}"
+                    f"{source}: idx2word[{i}] = {word!r} but word2idx[{word!r}] = {other!r}"
                 )
             words.append(word)
         if tuple(words[:4]) != SPECIALS:
@@ -160,7 +207,7 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
-        """Load ours or the original release's ``*_vocab.json``."""
+        """Load ours or the original release's ``*_vocab.json``, checking it is consistent."""
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -168,4 +215,6 @@ class Vocabulary:
             raise DataError(f"{path}: vocabulary file not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise DataError(f"{path}: not a JSON vocabulary ({err})") from None
+        except OSError as err:
+            raise DataError(f"{path}: cannot read the vocabulary ({err.strerror or err})") from None
         return cls.from_json(data, str(path))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from imram.config import ModelConfig
 from imram.models.attention import cross_attention, fragment_cosine, pool_fragments
-from imram.models.encoders import ImageEncoder, TextEncoder, length_mask
+from imram.models.encoders import build_encoders, length_mask
 from imram.models.memory import MemoryDistillation
 
 
@@ -78,10 +78,7 @@ class IMRAM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.image_encoder = ImageEncoder(config.img_dim, config.embed_dim)
-        self.text_encoder = TextEncoder(
-            config.vocab_size, config.word_dim, config.embed_dim, config.gru_layers
-        )
+        self.image_encoder, self.text_encoder = build_encoders(config)
         need_memory = config.steps > 1
         self.text_memory = self._memory() if need_memory and self.uses("text") else None
         self.image_memory = self._memory() if need_memory and self.uses("image") else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from imram.config import ModelConfig
-from imram.models.encoders import ImageEncoder, TextEncoder, l2norm, length_mask
+from imram.models.encoders import build_encoders, l2norm, length_mask
 
 
 class VSEPP(nn.Module):
@@ -14,10 +14,7 @@ class VSEPP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.image_encoder = ImageEncoder(config.img_dim, config.embed_dim)
-        self.text_encoder = TextEncoder(
-            config.vocab_size, config.word_dim, config.embed_dim, config.gru_layers
-        )
+        self.image_encoder, self.text_encoder = build_encoders(config)
 
     def encode_images(self, features: Tensor) -> Tensor:
         """``[N, R, img_dim]`` → ``[N, d]`` unit image vectors."""

@@ -9,7 +9,7 @@ from torch import Tensor
 from imram.models.encoders import EPS, l2norm
 
 
-def cross_attention(
+def attention_weights(
     query: Tensor,
     context: Tensor,
     lam: float,
@@ -17,15 +17,13 @@ def cross_attention(
     sim: str = "dot",
     query_mask: Tensor | None = None,
     context_mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Attend every query fragment over the context fragments of every context item.
+) -> Tensor:
+    """Attention of every query fragment over the context fragments of every context item.
 
     ``query`` is ``[Q, n, d]`` (one set per query item, step 1) or ``[Q, C, n, d]`` (one set per
     pair, later steps); ``context`` is ``[C, m, d]``. Masks are boolean, True on real fragments:
     ``query_mask [Q, n]``, ``context_mask [C, m]``. Padded queries are left out of the
-    query-axis norm; padded context fragments get exactly zero weight.
-
-    Returns the attended context ``[Q, C, n, d]`` and the weights ``[Q, C, n, m]``.
+    query-axis norm; padded context fragments get exactly zero weight. Returns ``[Q, C, n, m]``.
     """
     if sim == "cosine":
         query, context = l2norm(query), l2norm(context)
@@ -41,9 +39,12 @@ def cross_attention(
     logits = lam * scores
     if context_mask is not None:
         logits = logits.masked_fill(~context_mask[None, :, None, :], float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
-    attended = torch.einsum("qcnm,cmd->qcnd", weights, context)
-    return attended, weights
+    return torch.softmax(logits, dim=-1)
+
+
+def attend(weights: Tensor, values: Tensor) -> Tensor:
+    """Weighted sums ``[Q, C, n, v]`` of per-context-item values ``[C, m, v]``."""
+    return torch.einsum("qcnm,cmv->qcnv", weights, values)
 
 
 def fragment_cosine(original: Tensor, attended: Tensor) -> Tensor:

@@ -8,7 +8,12 @@ import torch
 from torch import Tensor, nn
 
 from imram.config import ModelConfig
-from imram.models.attention import cross_attention, fragment_cosine, pool_fragments
+from imram.models.attention import (
+    attend,
+    attention_weights,
+    fragment_cosine,
+    pool_fragments,
+)
 from imram.models.encoders import build_encoders, length_mask
 from imram.models.memory import MemoryDistillation
 
@@ -45,25 +50,37 @@ def iterative_matching(
     """Run K RAM steps for every (query item, context item) pair → ``[Q, C, K]`` step scores F_k.
 
     Step k attends the current queries over the fixed context, scores the attended context
-    against the *original* query fragments, then updates the queries with the memory unit
-    (skipped after the last step, whose update is never used).
+    against the *original* query fragments, then updates the queries with the memory unit.
+    The update is computed exactly but restructured (SPEC §9): the memory's context halves are
+    projected once per context item and attended together with the context, its query halves
+    are per query item at step 1, and there is no update after the last step.
     """
+    if steps > 1 and memory is None:
+        raise ValueError("more than one step needs a memory distillation unit")
+    d = context.shape[-1]
+    if steps > 1:
+        c_terms = memory.context_terms(context)
+        values = context if c_terms is None else torch.cat([context, c_terms], dim=-1)
+        q_terms = memory.query_terms(query)
+        q_terms = None if q_terms is None else q_terms[:, None]
     current = query
     scores, weights_per_step, fragments = [], [], []
     for k in range(steps):
-        attended, weights = cross_attention(
-            current, context, lam, norm, sim, query_mask=query_mask, context_mask=context_mask
-        )
+        weights = attention_weights(current, context, lam, norm, sim, query_mask, context_mask)
+        last = k + 1 == steps
+        attended_all = attend(weights, context if last else values)
+        attended = attended_all[..., :d]
         cosines = fragment_cosine(query, attended)
         scores.append(pool_fragments(cosines, query_mask, pooling, lambda_lse))
         if trace:
             weights_per_step.append(weights)
             fragments.append(cosines)
-        if k + 1 < steps:
-            if memory is None:
-                raise ValueError("more than one step needs a memory distillation unit")
+        if not last:
+            if k > 0:
+                q_terms = memory.query_terms(current)
             previous = current if current.dim() == 4 else current[:, None]
-            current = memory(previous, attended)
+            c_att = attended_all[..., d:] if attended_all.shape[-1] > d else None
+            current = memory.combine(previous, attended, q_terms, c_att)
     step_scores = torch.stack(scores, dim=-1)
     if not trace:
         return step_scores

@@ -25,9 +25,7 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
 
 def _attend(x: Tensor, y: Tensor, lam: float, norm: str, sim: str) -> Tensor:
     """CAU for one pair: x ``[n, d]`` queries, y ``[m, d]`` context → ``[n, d]``."""
-    if sim == "cosine":
-        x, y = _unit(x), _unit(y)
-    z = x @ y.T
+    z = _unit(x) @ _unit(y).T if sim == "cosine" else x @ y.T
     if norm == "clipped_l2norm":
         z = torch.where(z > 0, z, 0.1 * z)
     else:

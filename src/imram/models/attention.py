@@ -9,26 +9,31 @@ from torch import Tensor
 from imram.models.encoders import EPS, l2norm
 
 
-def attention_weights(
-    query: Tensor,
-    context: Tensor,
-    lam: float,
-    norm: str = "clipped_l2norm",
-    sim: str = "dot",
-    query_mask: Tensor | None = None,
-    context_mask: Tensor | None = None,
-) -> Tensor:
-    """Attention of every query fragment over the context fragments of every context item.
+def raw_scores(query: Tensor, context: Tensor, sim: str = "dot") -> Tensor:
+    """``s_ij = x_i · y_j`` (or their cosine) for every pair → ``[Q, C, n, m]``.
 
     ``query`` is ``[Q, n, d]`` (one set per query item, step 1) or ``[Q, C, n, d]`` (one set per
-    pair, later steps); ``context`` is ``[C, m, d]``. Masks are boolean, True on real fragments:
-    ``query_mask [Q, n]``, ``context_mask [C, m]``. Padded queries are left out of the
-    query-axis norm; padded context fragments get exactly zero weight. Returns ``[Q, C, n, m]``.
+    pair, later steps); ``context`` is ``[C, m, d]``.
     """
     if sim == "cosine":
         query, context = l2norm(query), l2norm(context)
     pattern = "qcnd,cmd->qcnm" if query.dim() == 4 else "qnd,cmd->qcnm"
-    scores = torch.einsum(pattern, query, context)
+    return torch.einsum(pattern, query, context)
+
+
+def attention_from_scores(
+    scores: Tensor,
+    lam: float,
+    norm: str = "clipped_l2norm",
+    query_mask: Tensor | None = None,
+    context_mask: Tensor | None = None,
+) -> Tensor:
+    """Normalise raw scores over the query axis, then softmax over the context axis.
+
+    Masks are boolean, True on real fragments: ``query_mask [Q, n]``, ``context_mask [C, m]``.
+    Padded queries are left out of the query-axis norm; padded context fragments get exactly
+    zero weight. Returns weights ``[Q, C, n, m]``.
+    """
     if norm == "clipped_l2norm":
         scores = F.leaky_relu(scores, 0.1)
     else:
@@ -47,13 +52,17 @@ def attend(weights: Tensor, values: Tensor) -> Tensor:
     return torch.einsum("qcnm,cmv->qcnv", weights, values)
 
 
-def fragment_cosine(original: Tensor, attended: Tensor) -> Tensor:
-    """Cosine of each original query fragment ``[Q, n, d]`` with its attended context
-    ``[Q, C, n, d]`` → ``[Q, C, n]``; the denominator is clamped at EPS."""
-    dots = torch.einsum("qnd,qcnd->qcn", original, attended)
-    norms = torch.linalg.vector_norm(original, dim=-1)[:, None, :] * torch.linalg.vector_norm(
-        attended, dim=-1
-    )
+def fragment_cosine(base: Tensor, weights: Tensor, gram: Tensor, query_norm: Tensor) -> Tensor:
+    """Cosine of each original query fragment with its attended context → ``[Q, C, n]``.
+
+    With ``c_i = Σ_j α_ij y_j``: ``x_i · c_i = Σ_j α_ij (x_i · y_j)`` from the step-1 raw scores
+    ``base [Q, C, n, m]``, and ``‖c_i‖² = α_iᵀ G α_i`` with the context Gram matrices
+    ``gram [C, m, m]`` — no ``[Q, C, n, d]`` tensor is formed. ``query_norm`` is ``[Q, n]``.
+    The denominator is clamped at EPS, as in the reference.
+    """
+    dots = (weights * base).sum(dim=-1)
+    squared = (torch.einsum("qcnm,cmk->qcnk", weights, gram) * weights).sum(dim=-1)
+    norms = query_norm[:, None, :] * squared.clamp_min(1e-30).sqrt()
     return dots / norms.clamp_min(EPS)
 
 

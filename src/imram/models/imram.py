@@ -10,9 +10,10 @@ from torch import Tensor, nn
 from imram.config import ModelConfig
 from imram.models.attention import (
     attend,
-    attention_weights,
+    attention_from_scores,
     fragment_cosine,
     pool_fragments,
+    raw_scores,
 )
 from imram.models.encoders import build_encoders, length_mask
 from imram.models.memory import MemoryDistillation
@@ -57,30 +58,39 @@ def iterative_matching(
     """
     if steps > 1 and memory is None:
         raise ValueError("more than one step needs a memory distillation unit")
-    d = context.shape[-1]
+    base = raw_scores(query, context)  # x⁽⁰⁾ · y, reused by every step's cosine
+    gram = context @ context.transpose(-1, -2)
+    query_norm = torch.linalg.vector_norm(query, dim=-1)
     if steps > 1:
+        d = context.shape[-1]
         c_terms = memory.context_terms(context)
-        values = context if c_terms is None else torch.cat([context, c_terms], dim=-1)
-        q_terms = memory.query_terms(query)
-        q_terms = None if q_terms is None else q_terms[:, None]
+        parts = ([context] if memory.needs_context else []) + (
+            [c_terms] if c_terms is not None else []
+        )
+        values = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+        first_terms = memory.query_terms(query)
     current = query
     scores, weights_per_step, fragments = [], [], []
     for k in range(steps):
-        weights = attention_weights(current, context, lam, norm, sim, query_mask, context_mask)
-        last = k + 1 == steps
-        attended_all = attend(weights, context if last else values)
-        attended = attended_all[..., :d]
-        cosines = fragment_cosine(query, attended)
+        raw = base if (k == 0 and sim == "dot") else raw_scores(current, context, sim)
+        weights = attention_from_scores(raw, lam, norm, query_mask, context_mask)
+        cosines = fragment_cosine(base, weights, gram, query_norm)
         scores.append(pool_fragments(cosines, query_mask, pooling, lambda_lse))
         if trace:
             weights_per_step.append(weights)
             fragments.append(cosines)
-        if not last:
-            if k > 0:
-                q_terms = memory.query_terms(current)
-            previous = current if current.dim() == 4 else current[:, None]
-            c_att = attended_all[..., d:] if attended_all.shape[-1] > d else None
-            current = memory.combine(previous, attended, q_terms, c_att)
+        if k + 1 < steps:
+            attended = attend(weights, values)
+            c = attended[..., :d] if memory.needs_context else None
+            pre = attended[..., d:] if memory.needs_context else attended
+            if pre.shape[-1] == 0:
+                pre = None
+            if k == 0:
+                if first_terms is not None:
+                    pre = pre + first_terms[:, None]
+                current = memory.combine(query[:, None], c, pre)
+            else:
+                current = memory.combine(current, c, memory.query_terms(current, add_to=pre))
     step_scores = torch.stack(scores, dim=-1)
     if not trace:
         return step_scores

@@ -55,48 +55,54 @@ class MemoryDistillation(nn.Module):
             out = g * x + (1 - g) * other
         return l2norm(out) if self.renorm else out
 
-    def _halves(self) -> list[tuple[Tensor, Tensor, Tensor | None]]:
-        """(query weight, context weight, bias) of each linear map, in the order of the terms."""
-        d = self.dim
+    @property
+    def needs_context(self) -> bool:
+        """Whether ``combine`` needs the attended context itself, not only its projections."""
+        return self.aggregator in ("add", "gate", "att")
+
+    def _maps(self) -> list[nn.Linear]:
         if self.aggregator == "add":
             return []
-        if self.aggregator == "mlp":
-            return [(None, self.fuse.weight, self.fuse.bias)]
-        maps = [self.gate] + ([self.fuse] if self.aggregator == "ours" else [])
-        return [(m.weight[:, :d], m.weight[:, d:], m.bias) for m in maps]
+        return [self.gate] + ([self.fuse] if self.aggregator == "ours" else [])
 
-    def query_terms(self, x: Tensor) -> Tensor | None:
-        """The query halves ``W_x x + b`` of every map, concatenated on the last axis."""
-        halves = self._halves()
-        if not halves:
+    def query_weight(self) -> Tensor | None:
+        """``W_x`` of every map stacked ``[k, d]``, or None when no map reads the query."""
+        if self.aggregator in ("add", "mlp"):
             return None
-        terms = [
-            F.linear(x, w, b) if w is not None else b.expand(*x.shape[:-1], b.shape[0])
-            for w, _, b in halves
-        ]
-        return torch.cat(terms, dim=-1)
+        return torch.cat([m.weight[:, : self.dim] for m in self._maps()], dim=0)
+
+    def query_terms(self, x: Tensor, add_to: Tensor | None = None) -> Tensor | None:
+        """``W_x x`` of every map (``[..., k]``), added to ``add_to`` in the same GEMM if given."""
+        weight = self.query_weight()
+        if weight is None:
+            return add_to
+        if add_to is None:
+            return F.linear(x, weight)
+        flat = torch.addmm(add_to.reshape(-1, weight.shape[0]), x.reshape(-1, self.dim), weight.T)
+        return flat.view(add_to.shape)
 
     def context_terms(self, context: Tensor) -> Tensor | None:
-        """The context halves ``W_c y`` of every map for each context fragment (no bias)."""
-        halves = self._halves()
-        if not halves:
-            return None
-        return torch.cat([F.linear(context, w) for _, w, _ in halves], dim=-1)
+        """``W_c y + b`` of every map for each context fragment ``[..., k]``.
 
-    def combine(
-        self, x: Tensor, c: Tensor, q_terms: Tensor | None, c_terms: Tensor | None
-    ) -> Tensor:
-        """``forward(x, c)`` from precomputed halves: ``c_terms`` is the attended ``W_c y``."""
+        The bias rides with the context half: attention weights sum to one, so attending
+        ``W_c y + b`` gives ``W_c c + b``.
+        """
+        if self.aggregator == "add":
+            return None
+        if self.aggregator == "mlp":
+            return self.fuse(context)
+        d = self.dim
+        return torch.cat([F.linear(context, m.weight[:, d:], m.bias) for m in self._maps()], -1)
+
+    def combine(self, x: Tensor, c: Tensor | None, pre: Tensor | None) -> Tensor:
+        """``forward(x, c)`` given the pre-activations ``pre = W_x x + W_c c + b``."""
         if self.aggregator == "add":
             out = x + c
+        elif self.aggregator == "mlp":
+            out = x + torch.tanh(pre)
+        elif self.aggregator == "ours":
+            g, o = torch.sigmoid(pre[..., : self.dim]), torch.tanh(pre[..., self.dim :])
+            out = torch.addcmul(o, g, x - o)
         else:
-            pre = q_terms + c_terms
-            if self.aggregator == "mlp":
-                out = x + torch.tanh(pre)
-            elif self.aggregator == "ours":
-                g, o = torch.sigmoid(pre[..., : self.dim]), torch.tanh(pre[..., self.dim :])
-                out = g * x + (1 - g) * o
-            else:
-                g = torch.sigmoid(pre)
-                out = g * x + (1 - g) * c
+            out = torch.addcmul(c, torch.sigmoid(pre), x - c)
         return l2norm(out) if self.renorm else out

@@ -129,6 +129,17 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from imram.bench import bench_scoring, format_scoring
+
+    configs = tuple((name, steps) for name in args.models for steps in args.steps)
+    results = bench_scoring(
+        configs, args.images, args.captions, args.baseline_captions, threads=args.threads
+    )
+    print(format_scoring(results, args.images, args.captions))
+    return 0
+
+
 class _UsageError(ImramError):
     pass
 
@@ -198,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--protocol", choices=PROTOCOLS, default="1k")
     ens.add_argument("--json", help="write the metrics here")
     ens.set_defaults(func=_ensemble)
+    bench = commands.add_parser("bench", help="measure the engine against a baseline")
+    bench.add_argument("what", choices=["scoring"], help="what to measure")
+    bench.add_argument("--models", nargs="+", default=["imram_full", "imram_text", "imram_image"])
+    bench.add_argument("--steps", nargs="+", type=int, default=[1, 3])
+    bench.add_argument("--images", type=int, default=128)
+    bench.add_argument("--captions", type=int, default=128)
+    bench.add_argument(
+        "--baseline-captions",
+        type=int,
+        help="time the baseline on the first N captions only (its cost per caption is constant)",
+    )
+    bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

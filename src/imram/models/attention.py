@@ -10,14 +10,15 @@ from imram.models.encoders import EPS, l2norm
 
 
 def raw_scores(query: Tensor, context: Tensor, sim: str = "dot") -> Tensor:
-    """``s_ij = x_i · y_j`` (or their cosine) for every pair → ``[Q, C, n, m]``.
+    """``s_ij = x_i · y_j`` (or their cosine) for every pair → ``[C, Q, n, m]``.
 
-    ``query`` is ``[Q, n, d]`` (one set per query item, step 1) or ``[Q, C, n, d]`` (one set per
-    pair, later steps); ``context`` is ``[C, m, d]``.
+    ``query`` is ``[Q, n, d]`` (one set per query item, step 1) or ``[C, Q, n, d]`` (one set per
+    pair, later steps); ``context`` is ``[C, m, d]``. Pair tensors are context-major ``[C, Q, …]``
+    so every batched product writes its output contiguously.
     """
     if sim == "cosine":
         query, context = l2norm(query), l2norm(context)
-    pattern = "qcnd,cmd->qcnm" if query.dim() == 4 else "qnd,cmd->qcnm"
+    pattern = "cqnd,cmd->cqnm" if query.dim() == 4 else "qnd,cmd->cqnm"
     return torch.einsum(pattern, query, context)
 
 
@@ -32,53 +33,53 @@ def attention_from_scores(
 
     Masks are boolean, True on real fragments: ``query_mask [Q, n]``, ``context_mask [C, m]``.
     Padded queries are left out of the query-axis norm; padded context fragments get exactly
-    zero weight. Returns weights ``[Q, C, n, m]``.
+    zero weight. Returns weights ``[C, Q, n, m]``.
     """
     if norm == "clipped_l2norm":
         scores = F.leaky_relu(scores, 0.1)
     else:
         scores = F.relu(scores)
     if query_mask is not None:
-        scores = scores.masked_fill(~query_mask[:, None, :, None], 0.0)
+        scores = scores.masked_fill(~query_mask[None, :, :, None], 0.0)
     scores = scores / (torch.linalg.vector_norm(scores, dim=2, keepdim=True) + EPS)
     logits = lam * scores
     if context_mask is not None:
-        logits = logits.masked_fill(~context_mask[None, :, None, :], float("-inf"))
+        logits = logits.masked_fill(~context_mask[:, None, None, :], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
 def attend(weights: Tensor, values: Tensor) -> Tensor:
-    """Weighted sums ``[Q, C, n, v]`` of per-context-item values ``[C, m, v]``."""
-    return torch.einsum("qcnm,cmv->qcnv", weights, values)
+    """Weighted sums ``[C, Q, n, v]`` of per-context-item values ``[C, m, v]``."""
+    return torch.einsum("cqnm,cmv->cqnv", weights, values)
 
 
 def fragment_cosine(base: Tensor, weights: Tensor, gram: Tensor, query_norm: Tensor) -> Tensor:
-    """Cosine of each original query fragment with its attended context → ``[Q, C, n]``.
+    """Cosine of each original query fragment with its attended context → ``[C, Q, n]``.
 
     With ``c_i = Σ_j α_ij y_j``: ``x_i · c_i = Σ_j α_ij (x_i · y_j)`` from the step-1 raw scores
-    ``base [Q, C, n, m]``, and ``‖c_i‖² = α_iᵀ G α_i`` with the context Gram matrices
-    ``gram [C, m, m]`` — no ``[Q, C, n, d]`` tensor is formed. ``query_norm`` is ``[Q, n]``.
+    ``base [C, Q, n, m]``, and ``‖c_i‖² = α_iᵀ G α_i`` with the context Gram matrices
+    ``gram [C, m, m]`` — no ``[C, Q, n, d]`` tensor is formed. ``query_norm`` is ``[Q, n]``.
     The denominator is clamped at EPS, as in the reference.
     """
     dots = (weights * base).sum(dim=-1)
-    squared = (torch.einsum("qcnm,cmk->qcnk", weights, gram) * weights).sum(dim=-1)
-    norms = query_norm[:, None, :] * squared.clamp_min(1e-30).sqrt()
+    squared = (torch.einsum("cqnm,cmk->cqnk", weights, gram) * weights).sum(dim=-1)
+    norms = query_norm[None] * squared.clamp_min(1e-30).sqrt()
     return dots / norms.clamp_min(EPS)
 
 
 def pool_fragments(
     scores: Tensor, mask: Tensor | None, pooling: str = "avg", lambda_lse: float = 6.0
 ) -> Tensor:
-    """Pool per-fragment scores ``[Q, C, n]`` over real fragments (``mask [Q, n]``) → ``[Q, C]``.
+    """Pool per-fragment scores ``[C, Q, n]`` over real fragments (``mask [Q, n]``) → ``[C, Q]``.
 
     ``avg`` is the mean; ``lse`` is SCAN's ``log Σ exp(λ·s) / λ``.
     """
     if pooling == "lse":
         logits = lambda_lse * scores
         if mask is not None:
-            logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
+            logits = logits.masked_fill(~mask[None], float("-inf"))
         return torch.logsumexp(logits, dim=-1) / lambda_lse
     if mask is None:
         return scores.mean(dim=-1)
-    masked = scores.masked_fill(~mask[:, None, :], 0.0)
-    return masked.sum(dim=-1) / mask.sum(dim=-1, keepdim=True).to(scores.dtype)
+    masked = scores.masked_fill(~mask[None], 0.0)
+    return masked.sum(dim=-1) / mask.sum(dim=-1)[None].to(scores.dtype)

@@ -87,16 +87,18 @@ def iterative_matching(
                 pre = None
             if k == 0:
                 if first_terms is not None:
-                    pre = pre + first_terms[:, None]
-                current = memory.combine(query[:, None], c, pre)
+                    pre = pre + first_terms[None]
+                current = memory.combine(query[None], c, pre)
             else:
                 current = memory.combine(current, c, memory.query_terms(current, add_to=pre))
-    step_scores = torch.stack(scores, dim=-1)
+    step_scores = torch.stack(scores, dim=-1).transpose(0, 1)
     if not trace:
         return step_scores
     if query_mask is not None:
-        fragments = [f.masked_fill(~query_mask[:, None, :], 0.0) for f in fragments]
-    return BranchTrace(weights_per_step, torch.stack(fragments, dim=2), step_scores)
+        fragments = [f.masked_fill(~query_mask[None], 0.0) for f in fragments]
+    weights_per_step = [w.transpose(0, 1) for w in weights_per_step]
+    fragment_scores = torch.stack(fragments, dim=2).transpose(0, 1)
+    return BranchTrace(weights_per_step, fragment_scores, step_scores)
 
 
 class IMRAM(nn.Module):

@@ -72,13 +72,20 @@ class MemoryDistillation(nn.Module):
         return torch.cat([m.weight[:, : self.dim] for m in self._maps()], dim=0)
 
     def query_terms(self, x: Tensor, add_to: Tensor | None = None) -> Tensor | None:
-        """``W_x x`` of every map (``[..., k]``), added to ``add_to`` in the same GEMM if given."""
+        """``W_x x`` of every map (``[..., k]``), added to ``add_to`` in the same GEMM if given.
+
+        Without autograd, ``add_to`` (if contiguous) is updated in place.
+        """
         weight = self.query_weight()
         if weight is None:
             return add_to
         if add_to is None:
             return F.linear(x, weight)
-        flat = torch.addmm(add_to.reshape(-1, weight.shape[0]), x.reshape(-1, self.dim), weight.T)
+        flat_x = x.reshape(-1, self.dim)
+        if not torch.is_grad_enabled() and add_to.is_contiguous():
+            add_to.view(-1, weight.shape[0]).addmm_(flat_x, weight.T)
+            return add_to
+        flat = torch.addmm(add_to.reshape(-1, weight.shape[0]), flat_x, weight.T)
         return flat.view(add_to.shape)
 
     def context_terms(self, context: Tensor) -> Tensor | None:
@@ -95,14 +102,24 @@ class MemoryDistillation(nn.Module):
         return torch.cat([F.linear(context, m.weight[:, d:], m.bias) for m in self._maps()], -1)
 
     def combine(self, x: Tensor, c: Tensor | None, pre: Tensor | None) -> Tensor:
-        """``forward(x, c)`` given the pre-activations ``pre = W_x x + W_c c + b``."""
+        """``forward(x, c)`` given the pre-activations ``pre = W_x x + W_c c + b``.
+
+        Without autograd the activations and the interpolation overwrite ``pre`` (which the
+        caller does not reuse), so no further pair-sized buffer is allocated.
+        """
+        inplace = not torch.is_grad_enabled()
         if self.aggregator == "add":
             out = x + c
         elif self.aggregator == "mlp":
-            out = x + torch.tanh(pre)
+            out = x + (pre.tanh_() if inplace else torch.tanh(pre))
         elif self.aggregator == "ours":
-            g, o = torch.sigmoid(pre[..., : self.dim]), torch.tanh(pre[..., self.dim :])
-            out = torch.addcmul(o, g, x - o)
+            g, o = pre[..., : self.dim], pre[..., self.dim :]
+            if inplace:
+                out = o.tanh_().lerp_(x, g.sigmoid_())
+            else:
+                o = torch.tanh(o)
+                out = torch.addcmul(o, torch.sigmoid(g), x - o)
         else:
-            out = torch.addcmul(c, torch.sigmoid(pre), x - c)
+            g = pre.sigmoid_() if inplace else torch.sigmoid(pre)
+            out = c.lerp(x, g) if inplace else torch.addcmul(c, g, x - c)
         return l2norm(out) if self.renorm else out

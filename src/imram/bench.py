@@ -1,0 +1,172 @@
+"""Benchmarks that measure the engine against a baseline in the same run (``imram bench``).
+
+The scoring baseline mirrors the published evaluation: for each caption, score it against a
+shard of images at once, with the full ``2d → d`` memory linears on ``[x; c]`` for every pair and
+a memory update after every step (including the unused last one).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from imram.models import build_model
+from imram.models.memory import MemoryDistillation
+
+EPS = 1e-8
+
+
+def _release_attention(query: Tensor, context: Tensor, lam: float) -> Tensor:
+    """One caption × a shard: query ``[N, n, d]``, context ``[N, m, d]`` → ``[N, n, d]``."""
+    scores = torch.bmm(context, query.transpose(1, 2))  # [N, m, n]
+    scores = F.leaky_relu(scores, 0.1)
+    scores = scores / (scores.pow(2).sum(dim=2, keepdim=True).sqrt() + EPS)
+    weights = torch.softmax(scores.transpose(1, 2) * lam, dim=2)  # [N, n, m]
+    return torch.bmm(weights, context)
+
+
+def _release_cosine(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=EPS)
+
+
+@torch.no_grad()
+def release_style_similarity(
+    model, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor
+) -> Tensor:
+    """The published evaluation's loop: captions one at a time against the whole image shard."""
+    cfg = model.config
+    n_img = image_emb.shape[0]
+    # The release updates the query after every step, even when K = 1 leaves it unused.
+    spare = MemoryDistillation(cfg.embed_dim).to(image_emb.dtype)
+    columns = []
+    for j in range(caption_emb.shape[0]):
+        words = caption_emb[j, : int(lengths[j])].unsqueeze(0).repeat(n_img, 1, 1)
+        total = torch.zeros(n_img, dtype=image_emb.dtype)
+        for branch, query0, context, memory in (
+            ("text", words, image_emb, model.text_memory),
+            ("image", image_emb, words, model.image_memory),
+        ):
+            if not model.uses(branch):
+                continue
+            memory = memory or spare
+            query = query0
+            for _ in range(cfg.steps):
+                attended = _release_attention(query, context, cfg.lambda_softmax)
+                total += _release_cosine(query0, attended).mean(dim=1)
+                query = memory(query, attended)
+        columns.append(total)
+    return torch.stack(columns, dim=1)
+
+
+@dataclass
+class ScoringResult:
+    name: str
+    steps: int
+    engine_pairs_s: float
+    baseline_pairs_s: float
+    engine_peak_mb: float
+    baseline_peak_mb: float
+    max_abs_diff: float
+
+    @property
+    def ratio(self) -> float:
+        return self.engine_pairs_s / self.baseline_pairs_s
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _inputs(name: str, steps: int, n_images: int, n_captions: int, regions: int, dim: int):
+    torch.manual_seed(0)
+    model = build_model(name, steps=steps, embed_dim=dim).eval()
+    lengths = torch.randint(8, 21, (n_captions,))
+    with torch.no_grad():
+        img = model.encode_images(torch.randn(n_images, regions, model.config.img_dim))
+        cap = model.encode_captions(torch.randint(4, 1000, (n_captions, 20)), lengths)
+    return model, img, cap, lengths
+
+
+def _measure(args: tuple) -> tuple[float, float, Tensor]:
+    """Run one scorer in a fresh process: (pairs/s, peak RSS in MB, scores)."""
+    which, name, steps, n_images, n_captions, regions, dim, threads = args
+    torch.set_num_threads(threads)
+    model, img, cap, lengths = _inputs(name, steps, n_images, n_captions, regions, dim)
+    before = _peak_mb()
+    start = time.perf_counter()
+    with torch.no_grad():
+        if which == "engine":
+            scores = model.similarity(img, cap, lengths)
+        else:
+            scores = release_style_similarity(model, img, cap, lengths)
+    seconds = time.perf_counter() - start
+    return n_images * n_captions / seconds, _peak_mb() - before, scores
+
+
+def bench_scoring(
+    configs: tuple[tuple[str, int], ...] = (
+        ("imram_full", 1),
+        ("imram_full", 3),
+        ("imram_text", 1),
+        ("imram_text", 3),
+        ("imram_image", 1),
+        ("imram_image", 3),
+    ),
+    n_images: int = 128,
+    n_captions: int = 128,
+    baseline_captions: int | None = None,
+    regions: int = 36,
+    dim: int = 1024,
+    threads: int | None = None,
+) -> list[ScoringResult]:
+    """Pairs/s of ``model.similarity`` and of the release-style loop, each in its own process.
+
+    The baseline's cost is the same for every caption, so ``baseline_captions`` may time it on
+    the first captions only; the engine always scores the whole block. Scores are compared on
+    the pairs both computed.
+    """
+    threads = threads or torch.get_num_threads()
+    base_caps = baseline_captions or n_captions
+    ctx = mp.get_context("spawn")
+    results = []
+    for name, steps in configs:
+        common = (name, steps, n_images)
+        with ctx.Pool(1) as pool:
+            engine = pool.apply(_measure, (("engine", *common, n_captions, regions, dim, threads),))
+        with ctx.Pool(1) as pool:
+            base = pool.apply(_measure, (("baseline", *common, base_caps, regions, dim, threads),))
+        diff = (engine[2][:, :base_caps] - base[2]).abs().max().item()
+        results.append(ScoringResult(name, steps, engine[0], base[0], engine[1], base[1], diff))
+    return results
+
+
+def format_scoring(results: list[ScoringResult], n_images: int, n_captions: int) -> str:
+    """The benchmark table plus the extrapolated time of Flickr30K test and COCO 5K."""
+    lines = [
+        f"block {n_images} images x {n_captions} captions, 36 regions, d=1024, lengths 8-20",
+        f"{'model':<12}{'K':>2}{'engine p/s':>12}{'baseline p/s':>14}{'ratio':>8}"
+        f"{'engine MB':>11}{'base MB':>9}{'max|diff|':>11}{'F30K test':>11}{'COCO 5K':>10}",
+    ]
+    for r in results:
+        f30k = 1000 * 5000 / r.engine_pairs_s
+        coco = 5000 * 25000 / r.engine_pairs_s
+        lines.append(
+            f"{r.name:<12}{r.steps:>2}{r.engine_pairs_s:>12,.0f}{r.baseline_pairs_s:>14,.0f}"
+            f"{r.ratio:>7.1f}x{r.engine_peak_mb:>11.0f}{r.baseline_peak_mb:>9.0f}"
+            f"{r.max_abs_diff:>11.1e}{_duration(f30k):>11}{_duration(coco):>10}"
+        )
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

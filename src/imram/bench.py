@@ -18,6 +18,7 @@ from torch import Tensor
 
 from imram.models import build_model
 from imram.models.memory import MemoryDistillation
+from imram.scoring import block_similarity
 
 EPS = 1e-8
 
@@ -94,19 +95,21 @@ def _inputs(name: str, steps: int, n_images: int, n_captions: int, regions: int,
 
 
 def _measure(args: tuple) -> tuple[float, float, Tensor]:
-    """Run one scorer in a fresh process: (pairs/s, peak RSS in MB, scores)."""
-    which, name, steps, n_images, n_captions, regions, dim, threads = args
+    """Run one scorer in a fresh process on the first ``scored`` captions of the same inputs:
+    (pairs/s, growth of peak RSS in MB, scores)."""
+    which, name, steps, n_images, n_captions, scored, regions, dim, threads = args
     torch.set_num_threads(threads)
     model, img, cap, lengths = _inputs(name, steps, n_images, n_captions, regions, dim)
+    cap, lengths = cap[:scored], lengths[:scored]
     before = _peak_mb()
     start = time.perf_counter()
     with torch.no_grad():
         if which == "engine":
-            scores = model.similarity(img, cap, lengths)
+            scores = block_similarity(model, img, cap, lengths, budget_mb=1024)
         else:
             scores = release_style_similarity(model, img, cap, lengths)
     seconds = time.perf_counter() - start
-    return n_images * n_captions / seconds, _peak_mb() - before, scores
+    return n_images * scored / seconds, _peak_mb() - before, scores
 
 
 def bench_scoring(
@@ -125,7 +128,9 @@ def bench_scoring(
     dim: int = 1024,
     threads: int | None = None,
 ) -> list[ScoringResult]:
-    """Pairs/s of ``model.similarity`` and of the release-style loop, each in its own process.
+    """Pairs/s of the engine (``block_similarity`` with a 1 GB block budget, which calls
+    ``model.similarity`` on length-sorted blocks) and of the release-style loop, each in its own
+    process.
 
     The baseline's cost is the same for every caption, so ``baseline_captions`` may time it on
     the first captions only; the engine always scores the whole block. Scores are compared on
@@ -136,7 +141,7 @@ def bench_scoring(
     ctx = mp.get_context("spawn")
     results = []
     for name, steps in configs:
-        common = (name, steps, n_images)
+        common = (name, steps, n_images, n_captions)
         with ctx.Pool(1) as pool:
             engine = pool.apply(_measure, (("engine", *common, n_captions, regions, dim, threads),))
         with ctx.Pool(1) as pool:

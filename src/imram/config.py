@@ -113,17 +113,18 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     max_minutes: float = 0.0
-    max_pairs: int = 262144
+    score_budget_mb: float = 1024.0
 
     def validate(self) -> None:
-        for key in ("epochs", "batch_size", "lr_decay_epochs", "log_every", "max_pairs"):
+        for key in ("epochs", "batch_size", "lr_decay_epochs", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 1")
         for key in ("warmup_epochs", "val_every", "max_minutes"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 0")
-        if not self.lr > 0:
-            raise ConfigError(f"train.lr={self.lr!r} must be > 0")
+        for key in ("lr", "score_budget_mb"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
 
 
 @dataclass

@@ -53,7 +53,7 @@ def evaluate_model(
     protocol: str = "1k",
     max_captions: int | None = None,
     batch_size: int = 128,
-    max_pairs: int = 262144,
+    budget_mb: float = 1024.0,
     device: str | torch.device = "cpu",
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Score the split (or its first ``max_captions`` captions and their images).
@@ -70,7 +70,7 @@ def evaluate_model(
     img, cap, lengths = encode_split(
         model, dataset, image_indices.tolist(), caption_indices.tolist(), batch_size, device
     )
-    sims = block_similarity(model, img, cap, lengths, max_pairs).float().cpu().numpy()
+    sims = block_similarity(model, img, cap, lengths, budget_mb=budget_mb).float().cpu().numpy()
     model.train(was_training)
     return evaluate_sims(sims, cap2img, protocol), sims, cap2img
 

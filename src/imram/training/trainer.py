@@ -154,7 +154,12 @@ def train(
     def validate(epoch: int) -> None:
         nonlocal last_metrics
         metrics, _, _ = evaluate_model(
-            model, val_set, "1k", config.data.val_captions, max_pairs=tc.max_pairs, device=device
+            model,
+            val_set,
+            "1k",
+            config.data.val_captions,
+            budget_mb=tc.score_budget_mb,
+            device=device,
         )
         last_metrics = metrics
         log.write(event="val", epoch=epoch, iteration=state["iteration"], **metrics)
@@ -184,7 +189,9 @@ def train(
             with autocast(config.precision, device):
                 img = model.encode_images(batch.images.to(device))
                 cap = model.encode_captions(batch.tokens.to(device), batch.lengths.to(device))
-                sims = block_similarity(model, img, cap, batch.lengths.to(device), tc.max_pairs)
+                sims = block_similarity(
+                    model, img, cap, batch.lengths.to(device), budget_mb=tc.score_budget_mb
+                )
             loss = triplet_loss(sims.float(), tc.margin, hardest)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()

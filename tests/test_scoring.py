@@ -1,0 +1,62 @@
+"""The block scheduler: any blocking and length ordering gives the one-call matrix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imram.models import build_model
+from imram.scoring import block_similarity, pairs_per_block
+
+SMALL = dict(vocab_size=30, word_dim=8, img_dim=10, embed_dim=16)
+
+
+def _block(name="imram_full", n_img=5, n_cap=9, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(name, **SMALL).double()
+    lengths = torch.randint(2, 12, (n_cap,))
+    tokens = torch.randint(4, 30, (n_cap, 12))
+    img = model.encode_images(torch.randn(n_img, 4, 10, dtype=torch.float64))
+    cap = model.encode_captions(tokens, lengths)
+    return model, img, cap, lengths
+
+
+@pytest.mark.parametrize("name", ["imram_full", "scan_i2t", "vsepp"])
+@pytest.mark.parametrize("max_pairs", [1, 4, 7, 45, None])
+def test_blocks_equal_one_call(name, max_pairs):
+    model, img, cap, lengths = _block(name)
+    with torch.no_grad():
+        whole = model.similarity(img, cap, lengths)
+        blocks = block_similarity(model, img, cap, lengths, max_pairs)
+    assert torch.allclose(blocks, whole, atol=1e-12, rtol=0)
+
+
+def test_blocks_keep_gradients():
+    model, img, cap, lengths = _block()
+    weights = torch.randn(5, 9, dtype=torch.float64)
+    (model.similarity(img, cap, lengths) * weights).sum().backward(retain_graph=True)
+    whole = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (block_similarity(model, img, cap, lengths, 6) * weights).sum().backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, whole[n], atol=1e-10), n
+
+
+def test_budget_sizes_blocks():
+    model, img, cap, _ = _block()
+    with torch.no_grad():
+        small, large = pairs_per_block(model, img, cap, 1), pairs_per_block(model, img, cap, 100)
+    assert 1 <= small < large
+    assert pairs_per_block(model, img, cap, 1) < small  # autograd keeps more per pair
+
+
+@pytest.mark.parametrize("name", ["imram_full", "imram_text", "imram_image"])
+def test_release_style_baseline_scores_like_the_reference(name):
+    """The benchmark's baseline is a faithful mirror: same scores as the per-pair oracle."""
+    from imram.bench import release_style_similarity
+    from imram.scoring import reference_similarity
+
+    model, img, cap, lengths = _block(name, n_img=3, n_cap=4)
+    with torch.no_grad():
+        expected = reference_similarity(model, img, cap, lengths)
+        assert torch.allclose(release_style_similarity(model, img, cap, lengths), expected)

@@ -125,7 +125,7 @@ def test_bad_input_gives_one_line_errors(toy_data, tmp_path, capsys):
     train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
     run, data = str(tmp_path / "run"), str(toy_data)
     evaluate = ["evaluate", "--checkpoint", run, "--data", data]
-    _one_line_error(capsys, [*evaluate, "--split", "val"], "split 'val' has no captions")
+    _one_line_error(capsys, [*evaluate, "--split", "val"], "split 'val' not found")
     (tmp_path / "other.json").write_text(
         json.dumps(
             {

@@ -8,7 +8,14 @@ from imram.data.precomp import (
     open_features,
     pad_captions,
 )
-from imram.data.text import SPECIALS, Vocabulary, atomic_write_text, read_captions, tokenize
+from imram.data.text import (
+    SPECIALS,
+    Vocabulary,
+    atomic_write_text,
+    read_captions,
+    read_lines,
+    tokenize,
+)
 
 __all__ = [
     "SPECIALS",
@@ -21,5 +28,6 @@ __all__ = [
     "open_features",
     "pad_captions",
     "read_captions",
+    "read_lines",
     "tokenize",
 ]

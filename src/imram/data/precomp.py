@@ -2,53 +2,86 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from imram.data.text import Vocabulary, read_captions
+from imram.data.text import Vocabulary, read_captions, read_lines
 from imram.errors import DataError
 
 FEATURE_NAMES = ("{split}_ims.npy", "{split}_feat.npy")
+CAPTIONS_NAME = "{split}_caps.txt"
+IDS_NAME = "{split}_ids.txt"
+CAP2IMG_NAME = "{split}_cap2img.npy"
+
+Item = tuple[Tensor, Tensor, int, int]
+
+
+def _feature_candidates(root: Path, split: str) -> list[Path]:
+    return [root / name.format(split=split) for name in FEATURE_NAMES]
+
+
+def _missing_split(root: Path, split: str, missing: Sequence[str]) -> DataError:
+    where = f"{root}" if root.is_dir() else f"{root} (no such folder)"
+    return DataError(f"{where}: split {split!r} not found: {' and '.join(missing)} missing")
 
 
 def find_features(root: str | Path, split: str) -> Path:
     """The features file of a split: SCAN's ``_ims.npy`` first, then IMRAM's ``_feat.npy``."""
     root = Path(root)
-    candidates = [root / name.format(split=split) for name in FEATURE_NAMES]
+    candidates = _feature_candidates(root, split)
     for path in candidates:
         if path.is_file():
             return path
-    names = " or ".join(p.name for p in candidates)
-    raise DataError(f"{root}: split {split!r} has no image features ({names} not found)")
+    raise _missing_split(root, split, [" or ".join(p.name for p in candidates)])
 
 
-def open_features(path: Path) -> np.ndarray:
-    """Memory-map a float32 ``[N, R, D]`` array, refusing anything else by name."""
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    """``np.load`` that turns every way a file can fail to be one .npy array into a DataError."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise DataError(f"{path}: not a readable .npy array ({err})") from None
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{path}: expected a single .npy array, found {type(array).__name__}")
+    return array
+
+
+def open_features(path: str | Path) -> np.ndarray:
+    """Memory-map a float32 ``[images, regions, dim]`` array (never read whole), or raise."""
+    path = Path(path)
+    array = _load_npy(path, mmap=True)
     if array.dtype != np.float32:
         raise DataError(f"{path}: features must be float32, found {array.dtype}")
     if array.ndim != 3:
         raise DataError(
             f"{path}: features must be 3-D [images, regions, dim], found shape {array.shape}"
         )
+    if 0 in array.shape:
+        raise DataError(
+            f"{path}: features must have at least one image, region and dimension, "
+            f"found shape {array.shape}"
+        )
     return array
 
 
-def _read_ids(path: Path, n_images: int) -> list[str] | None:
+def _read_ids(path: Path, n_images: int, features_path: Path) -> list[str] | None:
     if not path.is_file():
         return None
-    ids = read_captions(path)
+    ids = read_lines(path, "id")
     if len(ids) != n_images:
-        raise DataError(f"{path}: {len(ids)} ids for {n_images} images in the features file")
+        raise DataError(
+            f"{path}: {len(ids)} ids but {features_path.name} has {n_images} images; "
+            "expected one id per image"
+        )
     return ids
 
 
@@ -56,65 +89,97 @@ def _caption_images(
     cap2img_path: Path, captions_path: Path, n_captions: int, n_images: int
 ) -> np.ndarray:
     """Image index of every caption: the ``_cap2img.npy`` file, or the 1- or 5-per-image rule."""
-    if cap2img_path.is_file():
-        try:
-            cap2img = np.load(cap2img_path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as err:
-            raise DataError(f"{cap2img_path}: not a readable .npy array ({err})") from None
-        if cap2img.dtype != np.int64 or cap2img.shape != (n_captions,):
-            raise DataError(
-                f"{cap2img_path}: expected int64 of shape ({n_captions},), one image per caption "
-                f"of {captions_path.name}; found {cap2img.dtype} {cap2img.shape}"
-            )
-        bad = np.flatnonzero((cap2img < 0) | (cap2img >= n_images))
-        if bad.size:
-            raise DataError(
-                f"{cap2img_path}: caption {int(bad[0])} points to image {int(cap2img[bad[0]])}, "
-                f"outside [0, {n_images})"
-            )
-    elif n_captions == n_images:
-        cap2img = np.arange(n_captions, dtype=np.int64)
-    elif n_captions == 5 * n_images:
-        cap2img = np.arange(n_captions, dtype=np.int64) // 5
-    else:
+    if not cap2img_path.is_file():
+        if n_captions == n_images:
+            return np.arange(n_captions, dtype=np.int64)
+        if n_captions == 5 * n_images:
+            return np.arange(n_captions, dtype=np.int64) // 5
         raise DataError(
             f"{captions_path}: {n_captions} captions for {n_images} images is neither 1 nor 5 per "
             f"image; write {cap2img_path.name} (int64, the image of each caption) to say which"
         )
+    cap2img = _load_npy(cap2img_path, mmap=False)
+    if cap2img.dtype != np.int64 or cap2img.shape != (n_captions,):
+        raise DataError(
+            f"{cap2img_path}: expected int64 of shape ({n_captions},), one image per caption "
+            f"of {captions_path.name}; found {cap2img.dtype} {cap2img.shape}"
+        )
+    bad = np.flatnonzero((cap2img < 0) | (cap2img >= n_images))
+    if bad.size:
+        j = int(bad[0])
+        raise DataError(
+            f"{cap2img_path}: caption {j} points to image {int(cap2img[j])}, "
+            f"outside [0, {n_images})"
+        )
     counts = np.bincount(cap2img, minlength=n_images)
-    if counts.min(initial=1) == 0:
-        raise DataError(f"{captions_path}: image {int(np.argmin(counts))} has no caption")
+    if not counts.all():
+        raise DataError(
+            f"{cap2img_path}: image {int(np.argmin(counts))} has no caption; "
+            "expected every image to have at least one"
+        )
     return cap2img
 
 
-class PrecompDataset(Dataset):
+def _check_finite(values: np.ndarray, first: int, path: Path, indices: Any = None) -> None:
+    """Raise naming the first image of ``values`` (rows ``[n, R, D]``) with NaN or inf."""
+    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if not finite.all():
+        row = int(np.argmin(finite))
+        bad = first + row if indices is None else int(indices[row])
+        raise DataError(f"{path}: image {bad} has NaN or inf features")
+
+
+def _normalise_index(index: int, size: int, what: str) -> int:
+    index = operator.index(index)
+    if index < 0:
+        index += size
+    if not 0 <= index < size:
+        raise IndexError(f"{what} index {index} is outside [0, {size})")
+    return index
+
+
+class PrecompDataset(Dataset[Item]):
     """One split of a precomp folder; item j is caption j with its image's region features.
 
-    Features stay memory-mapped (COCO train is ~33 GB); captions are tokenised once at open
-    (not at all without a vocabulary, for callers that need only the layout).
+    Features stay memory-mapped (COCO train is ~33 GB) and are checked for NaN/inf as they are
+    read. Captions are tokenised once at open into one flat array (not at all when ``vocab`` is
+    None, for callers that need only the layout: counts, ``cap2img``, ids).
     """
 
     def __init__(self, root: str | Path, split: str, vocab: Vocabulary | None) -> None:
         self.root = Path(root)
         self.split = split
         self.vocab = vocab
-        self.captions_path = self.root / f"{split}_caps.txt"
-        if not self.captions_path.is_file():
-            raise DataError(
-                f"{self.root}: split {split!r} has no captions "
-                f"({self.captions_path.name} not found)"
-            )
-        self.features_path = find_features(self.root, split)
-        self.features = open_features(self.features_path)
+        self.captions_path = self.root / CAPTIONS_NAME.format(split=split)
+        candidates = _feature_candidates(self.root, split)
+        features_path = next((p for p in candidates if p.is_file()), None)
+        missing = [] if self.captions_path.is_file() else [self.captions_path.name]
+        if features_path is None:
+            missing.append(" or ".join(p.name for p in candidates))
+        if missing:
+            raise _missing_split(self.root, split, missing)
+        assert features_path is not None
+        self.features_path = features_path
+        self.features = open_features(features_path)
         self.captions = read_captions(self.captions_path)
-        self.tokens = [vocab.encode(c) for c in self.captions] if vocab is not None else []
         self.cap2img = _caption_images(
-            self.root / f"{split}_cap2img.npy",
+            self.root / CAP2IMG_NAME.format(split=split),
             self.captions_path,
             len(self.captions),
             self.num_images,
         )
-        self.ids = _read_ids(self.root / f"{split}_ids.txt", self.num_images)
+        self.ids = _read_ids(
+            self.root / IDS_NAME.format(split=split), self.num_images, features_path
+        )
+        self._token_ids = np.zeros(0, dtype=np.int32)
+        self._token_offsets = np.zeros(1, dtype=np.int64)
+        if vocab is not None:
+            encoded = [vocab.encode(c) for c in self.captions]
+            lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+            self._token_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            self._token_ids = np.fromiter(
+                chain.from_iterable(encoded), dtype=np.int32, count=int(self._token_offsets[-1])
+            )
 
     @property
     def num_images(self) -> int:
@@ -135,44 +200,75 @@ class PrecompDataset(Dataset):
     def __len__(self) -> int:
         return self.num_captions
 
+    def __repr__(self) -> str:
+        return (
+            f"PrecompDataset({str(self.root)!r}, {self.split!r}: {self.num_images} images x "
+            f"{self.num_regions} regions x {self.feature_dim}, {self.num_captions} captions)"
+        )
+
     def image(self, i: int) -> Tensor:
         """Region features ``[R, D]`` of image i (a copy), checked for NaN/inf."""
+        i = _normalise_index(i, self.num_images, "image")
         values = np.array(self.features[i], dtype=np.float32)
-        if not np.isfinite(values).all():
-            raise DataError(f"{self.features_path}: image {i} has NaN or inf features")
+        _check_finite(values[None], i, self.features_path)
         return torch.from_numpy(values)
 
     def images(self, indices: Sequence[int]) -> Tensor:
         """Region features ``[len(indices), R, D]`` of several images, checked for NaN/inf."""
-        values = np.array(self.features[np.asarray(indices, dtype=np.int64)], dtype=np.float32)
-        finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
-        if not finite.all():
-            bad = int(np.asarray(indices)[np.argmin(finite)])
-            raise DataError(f"{self.features_path}: image {bad} has NaN or inf features")
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        index = np.where(index < 0, index + self.num_images, index)
+        if index.size and (index.min() < 0 or index.max() >= self.num_images):
+            raise IndexError(f"image indices must lie in [0, {self.num_images})")
+        values = np.array(self.features[index], dtype=np.float32)
+        _check_finite(values, 0, self.features_path, index)
         return torch.from_numpy(values)
 
     def caption_tokens(self, j: int) -> list[int]:
-        return self.tokens[j]
+        """Token ids of caption j, ``<start>`` and ``<end>`` included."""
+        j = _normalise_index(j, self.num_captions, "caption")
+        return self._tokens(j).tolist()
 
-    def __getitem__(self, j: int) -> tuple[Tensor, Tensor, int, int]:
+    def _tokens(self, j: int) -> np.ndarray:
+        if self.vocab is None:
+            raise RuntimeError(
+                f"{self.captions_path}: this dataset was opened without a vocabulary, so its "
+                "captions have no token ids"
+            )
+        return self._token_ids[self._token_offsets[j] : self._token_offsets[j + 1]]
+
+    def __getitem__(self, j: int) -> Item:
+        """``(image features [R, D], token ids [L], j, image index of caption j)``."""
+        j = _normalise_index(j, self.num_captions, "caption")
+        tokens = torch.from_numpy(self._tokens(j).astype(np.int64))
         i = int(self.cap2img[j])
-        return self.image(i), torch.tensor(self.tokens[j], dtype=torch.long), j, i
+        return self.image(i), tokens, j, i
 
     def check_finite(self, chunk_images: int = 1024) -> None:
         """Scan every feature in bounded chunks; raise naming the first image with NaN/inf."""
+        if chunk_images < 1:
+            raise ValueError(f"chunk_images must be at least 1, got {chunk_images}")
         for start in range(0, self.num_images, chunk_images):
             block = np.asarray(self.features[start : start + chunk_images])
-            finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
-            if not finite.all():
-                bad = start + int(np.argmin(finite))
-                raise DataError(f"{self.features_path}: image {bad} has NaN or inf features")
+            _check_finite(block, start, self.features_path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the memory map (DataLoader workers reopen it instead of copying it)."""
+        state = self.__dict__.copy()
+        del state["features"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.features = open_features(self.features_path)
 
 
 def pad_captions(token_lists: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
     """Zero-padded ``[B, L_max]`` ids and ``[B]`` lengths, in the given order."""
+    if len(token_lists) == 0:
+        raise ValueError("pad_captions needs at least one caption")
     lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
-    if len(token_lists) == 0 or int(lengths.min()) == 0:
-        raise ValueError("pad_captions needs at least one caption and no empty caption")
+    if int(lengths.min()) == 0:
+        raise ValueError(f"pad_captions: caption {int(lengths.argmin())} has no tokens")
     tokens = torch.zeros(len(token_lists), int(lengths.max()), dtype=torch.long)
     for row, ids in enumerate(token_lists):
         tokens[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
@@ -190,8 +286,10 @@ class PrecompBatch:
     image_index: Tensor
 
 
-def collate(batch: Sequence[tuple[Tensor, Tensor, int, int]]) -> PrecompBatch:
+def collate(batch: Sequence[Item]) -> PrecompBatch:
     """Stack dataset items, keeping their order (packing handles unsorted lengths)."""
+    if len(batch) == 0:
+        raise ValueError("collate needs at least one item")
     images, token_lists, caption_index, image_index = zip(*batch, strict=True)
     tokens, lengths = pad_captions(token_lists)
     return PrecompBatch(

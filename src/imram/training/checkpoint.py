@@ -149,11 +149,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         weights = load_file(path / "model.safetensors", device=str(map_location))
     except (OSError, SafetensorError) as err:
         raise DataError(f"{path / 'model.safetensors'}: unreadable weights ({err})") from None
-    _load_weights(model, weights, str(path / "model.safetensors"))
+    load_weights(model, weights, str(path / "model.safetensors"))
     return Checkpoint(model.eval(), config, vocab, path, meta.get("state", {}))
 
 
-def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict, naming missing, unexpected and mis-shaped keys if it does not fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
@@ -283,7 +284,7 @@ def import_release_checkpoint(path: str | Path, vocab: Vocabulary | None = None)
     missing = sorted(set(own) - set(mapped))
     if missing:
         raise DataError(f"{path}: the checkpoint lacks {', '.join(missing)}")
-    _load_weights(model, mapped, str(path))
+    load_weights(model, mapped, str(path))
     report = ImportReport(sorted(mapped), sorted(unused), sorted(unknown), missing)
     best = raw.get("best_rsum")
     info = {

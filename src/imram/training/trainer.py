@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from imram.config import Config, save_config
@@ -25,6 +26,7 @@ from imram.models import build_model
 from imram.scoring import block_similarity
 from imram.training.checkpoint import (
     load_trainer_state,
+    load_weights,
     read_meta,
     save_checkpoint,
 )
@@ -136,9 +138,8 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
     state = {"epoch": 0, "batch": 0, "iteration": 0, "best_rsum": -math.inf}
     if resume:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(last_dir / "model.safetensors", device=str(device)))
+        weights = last_dir / "model.safetensors"
+        load_weights(model, load_file(weights, device=str(device)), str(weights))
         load_trainer_state(last_dir, optimizer)
         state.update(meta["state"])
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from imram.models import build_model
-from imram.scoring import block_similarity, pairs_per_block
+from imram.scoring import block_similarity, pairs_per_block, score_gallery
 
 SMALL = dict(vocab_size=30, word_dim=8, img_dim=10, embed_dim=16)
 
@@ -60,3 +61,33 @@ def test_release_style_baseline_scores_like_the_reference(name):
     with torch.no_grad():
         expected = reference_similarity(model, img, cap, lengths)
         assert torch.allclose(release_style_similarity(model, img, cap, lengths), expected)
+
+
+@pytest.mark.parametrize("name", ["imram_full", "vsepp"])
+@pytest.mark.parametrize("budget_mb,image_block", [(1e-3, 2), (1e-2, 3), (100.0, 256)])
+def test_gallery_streams_to_memmap_and_topk(tmp_path, name, budget_mb, image_block):
+    model, img, cap, lengths = _block(name, n_img=7, n_cap=11)
+    with torch.no_grad():
+        whole = model.similarity(img, cap, lengths).float()
+    out = np.lib.format.open_memmap(tmp_path / "sims.npy", "w+", np.float32, (7, 11))
+    result = score_gallery(
+        model, img, cap, lengths, out=out, topk=4, budget_mb=budget_mb, image_block=image_block
+    )
+    out.flush()
+    assert np.allclose(np.load(tmp_path / "sims.npy"), whole.numpy(), atol=1e-6)
+    rows = torch.topk(whole, 4, dim=1)
+    assert torch.allclose(result.captions_per_image.scores, rows.values, atol=1e-6)
+    assert torch.equal(result.captions_per_image.indices, rows.indices)
+    cols = torch.topk(whole.T, 4, dim=1)
+    assert torch.allclose(result.images_per_caption.scores, cols.values, atol=1e-6)
+    assert torch.equal(result.images_per_caption.indices, cols.indices)
+
+
+def test_gallery_topk_larger_than_gallery_and_shape_check():
+    model, img, cap, lengths = _block("imram_full", n_img=3, n_cap=5)
+    result = score_gallery(model, img, cap, lengths, topk=10)
+    assert result.captions_per_image.indices.shape == (3, 5)
+    assert result.images_per_caption.indices.shape == (5, 3)
+    assert (result.images_per_caption.indices >= 0).all()
+    with pytest.raises(ValueError, match=r"expected \(3, 5\)"):
+        score_gallery(model, img, cap, lengths, out=np.zeros((3, 4), dtype=np.float32))

@@ -87,28 +87,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from imram.data import PrecompDataset
+    from imram.distributed import init_from_env, local_device, shutdown
     from imram.evaluation import evaluate_model
     from imram.metrics import format_table
     from imram.training.trainer import default_device
 
-    device = args.device or default_device()
-    checkpoint = _load_model(args)
-    dataset = PrecompDataset(args.data, args.split, checkpoint.vocab)
-    model = checkpoint.model.to(device)
-    metrics, sims, _ = evaluate_model(
-        model, dataset, args.protocol, batch_size=args.batch_size, device=device
-    )
+    rank, world = init_from_env()
+    try:
+        device = args.device or (local_device() if world > 1 else default_device())
+        checkpoint = _load_model(args)
+        dataset = PrecompDataset(args.data, args.split, checkpoint.vocab)
+        model = checkpoint.model.to(device)
+        metrics, sims, _ = evaluate_model(
+            model, dataset, args.protocol, batch_size=args.batch_size, device=device
+        )
+    finally:
+        shutdown()
+    if rank != 0:
+        return 0
     title = f"{checkpoint.config.model.name} on {args.split} ({args.protocol})"
+    if world > 1:
+        title += f", scored by {world} processes"
     print(format_table(metrics, title=title))
-    _write_json(
-        args.json,
-        {
-            "checkpoint": str(checkpoint.path),
-            "split": args.split,
-            "protocol": args.protocol,
-            **metrics,
-        },
-    )
+    payload = {"checkpoint": str(checkpoint.path), "split": args.split, "protocol": args.protocol}
+    _write_json(args.json, {**payload, **metrics})
     if args.save_sims:
         np.save(args.save_sims, sims)
     return 0

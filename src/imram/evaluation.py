@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from imram.data import PrecompDataset, pad_captions
 from imram.errors import DataError
 from imram.metrics import evaluate_sims
-from imram.scoring import block_similarity
+from imram.scoring import block_similarity, distributed_similarity
 
 
 @torch.no_grad()
@@ -70,7 +70,11 @@ def evaluate_model(
     img, cap, lengths = encode_split(
         model, dataset, image_indices.tolist(), caption_indices.tolist(), batch_size, device
     )
-    sims = block_similarity(model, img, cap, lengths, budget_mb=budget_mb).float().cpu().numpy()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sims = distributed_similarity(model, img, cap, lengths, budget_mb)
+    else:
+        sims = block_similarity(model, img, cap, lengths, budget_mb=budget_mb)
+    sims = sims.float().cpu().numpy()
     model.train(was_training)
     return evaluate_sims(sims, cap2img, protocol), sims, cap2img
 

@@ -4,8 +4,10 @@ from imram.scoring.blocks import (
     GalleryScores,
     TopK,
     block_similarity,
+    distributed_similarity,
     pairs_per_block,
     score_gallery,
+    shard,
 )
 from imram.scoring.reference import reference_similarity
 
@@ -13,7 +15,9 @@ __all__ = [
     "GalleryScores",
     "TopK",
     "block_similarity",
+    "distributed_similarity",
     "pairs_per_block",
     "reference_similarity",
     "score_gallery",
+    "shard",
 ]

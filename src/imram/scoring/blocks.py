@@ -166,3 +166,38 @@ def score_gallery(
         torch.cat([r.scores for r in finished_rows]), torch.cat([r.indices for r in finished_rows])
     )
     return GalleryScores(out, per_image, cap_best, n_img * n_cap / seconds)
+
+
+def shard(n_items: int, rank: int, world_size: int) -> slice:
+    """The contiguous range of ``n_items`` that ``rank`` of ``world_size`` scores."""
+    per_rank = -(-n_items // world_size)
+    return slice(min(rank * per_rank, n_items), min((rank + 1) * per_rank, n_items))
+
+
+@torch.no_grad()
+def distributed_similarity(
+    model: nn.Module,
+    image_emb: Tensor,
+    caption_emb: Tensor,
+    lengths: Tensor,
+    budget_mb: float = 1024.0,
+) -> Tensor:
+    """The full matrix on every rank, each rank scoring its own range of images.
+
+    Needs an initialised ``torch.distributed`` process group (``torchrun``); every rank passes
+    the same embeddings. Pair scores are independent, so the gathered matrix is identical to
+    a single process's.
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    n_img, n_cap = image_emb.shape[0], caption_emb.shape[0]
+    mine = shard(n_img, rank, world)
+    rows = -(-n_img // world)
+    part = torch.zeros(rows, n_cap, dtype=torch.float32, device=image_emb.device)
+    if mine.stop > mine.start:
+        scores = block_similarity(model, image_emb[mine], caption_emb, lengths, budget_mb=budget_mb)
+        part[: mine.stop - mine.start] = scores.float()
+    parts = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(parts, part)
+    return torch.cat(parts)[:n_img]

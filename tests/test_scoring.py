@@ -91,3 +91,21 @@ def test_gallery_topk_larger_than_gallery_and_shape_check():
     assert (result.images_per_caption.indices >= 0).all()
     with pytest.raises(ValueError, match=r"expected \(3, 5\)"):
         score_gallery(model, img, cap, lengths, out=np.zeros((3, 4), dtype=np.float32))
+
+
+@pytest.mark.parametrize("aggregator", ["ours", "add", "mlp", "att", "gate"])
+def test_bf16_autocast_scores_track_fp32(aggregator):
+    """The in-place inference path works under autocast and stays near the fp32 scores."""
+    from imram.precision import autocast
+
+    torch.manual_seed(0)
+    model = build_model("imram_full", aggregator=aggregator, **SMALL).eval()
+    lengths = torch.randint(2, 12, (6,))
+    with torch.no_grad():
+        img = model.encode_images(torch.randn(4, 5, 10))
+        cap = model.encode_captions(torch.randint(4, 30, (6, 12)), lengths)
+        fp32 = block_similarity(model, img, cap, lengths)
+        with autocast("bf16", "cpu"):
+            bf16 = block_similarity(model, img, cap, lengths)
+    assert bf16.dtype in (torch.bfloat16, torch.float32)
+    assert (bf16.float() - fp32).abs().max().item() < 0.1

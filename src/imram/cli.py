@@ -99,17 +99,27 @@ def _evaluate(args: argparse.Namespace) -> int:
         dataset = PrecompDataset(args.data, args.split, checkpoint.vocab)
         model = checkpoint.model.to(device)
         metrics, sims, _ = evaluate_model(
-            model, dataset, args.protocol, batch_size=args.batch_size, device=device
+            model,
+            dataset,
+            args.protocol,
+            batch_size=args.batch_size,
+            device=device,
+            precision=args.precision,
         )
     finally:
         shutdown()
     if rank != 0:
         return 0
-    title = f"{checkpoint.config.model.name} on {args.split} ({args.protocol})"
+    title = f"{checkpoint.config.model.name} on {args.split} ({args.protocol}, {args.precision})"
     if world > 1:
         title += f", scored by {world} processes"
     print(format_table(metrics, title=title))
-    payload = {"checkpoint": str(checkpoint.path), "split": args.split, "protocol": args.protocol}
+    payload = {
+        "checkpoint": str(checkpoint.path),
+        "split": args.split,
+        "protocol": args.protocol,
+        "precision": args.precision,
+    }
     _write_json(args.json, {**payload, **metrics})
     if args.save_sims:
         np.save(args.save_sims, sims)
@@ -201,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="write the metrics here")
     evaluate.add_argument("--save-sims", help="save the similarity matrix (.npy)")
     evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype"
+    )
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     evaluate.set_defaults(func=_evaluate)
 

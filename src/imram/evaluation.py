@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from imram.data import PrecompDataset, pad_captions
 from imram.errors import DataError
 from imram.metrics import evaluate_sims
+from imram.precision import autocast
 from imram.scoring import block_similarity, distributed_similarity
 
 
@@ -55,8 +56,10 @@ def evaluate_model(
     batch_size: int = 128,
     budget_mb: float = 1024.0,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Score the split (or its first ``max_captions`` captions and their images).
+    """Score the split (or its first ``max_captions`` captions and their images), encoding and
+    scoring under ``precision`` (``fp32``, ``bf16`` or ``fp16`` autocast).
 
     Returns the metrics, the ``[n_images, n_captions]`` float32 matrix and its cap2img.
     """
@@ -67,13 +70,14 @@ def evaluate_model(
     )
     caption_indices = np.arange(n_cap)
     image_indices, cap2img = np.unique(dataset.cap2img[:n_cap], return_inverse=True)
-    img, cap, lengths = encode_split(
-        model, dataset, image_indices.tolist(), caption_indices.tolist(), batch_size, device
-    )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sims = distributed_similarity(model, img, cap, lengths, budget_mb)
-    else:
-        sims = block_similarity(model, img, cap, lengths, budget_mb=budget_mb)
+    with autocast(precision, device):
+        img, cap, lengths = encode_split(
+            model, dataset, image_indices.tolist(), caption_indices.tolist(), batch_size, device
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sims = distributed_similarity(model, img, cap, lengths, budget_mb)
+        else:
+            sims = block_similarity(model, img, cap, lengths, budget_mb=budget_mb)
     sims = sims.float().cpu().numpy()
     model.train(was_training)
     return evaluate_sims(sims, cap2img, protocol), sims, cap2img

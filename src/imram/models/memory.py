@@ -83,7 +83,9 @@ class MemoryDistillation(nn.Module):
             return F.linear(x, weight)
         flat_x = x.reshape(-1, self.dim)
         if not torch.is_grad_enabled() and add_to.is_contiguous():
-            add_to.view(-1, weight.shape[0]).addmm_(flat_x, weight.T)
+            # In-place ops are not autocast: match the dtype autocast gave ``add_to``.
+            dtype = add_to.dtype
+            add_to.view(-1, weight.shape[0]).addmm_(flat_x.to(dtype), weight.T.to(dtype))
             return add_to
         flat = torch.addmm(add_to.reshape(-1, weight.shape[0]), flat_x, weight.T)
         return flat.view(add_to.shape)
@@ -108,6 +110,8 @@ class MemoryDistillation(nn.Module):
         caller does not reuse), so no further pair-sized buffer is allocated.
         """
         inplace = not torch.is_grad_enabled()
+        if inplace and pre is not None:
+            x = x.to(pre.dtype)  # in-place ops are not autocast
         if self.aggregator == "add":
             out = x + c
         elif self.aggregator == "mlp":
@@ -121,5 +125,5 @@ class MemoryDistillation(nn.Module):
                 out = torch.addcmul(o, torch.sigmoid(g), x - o)
         else:
             g = pre.sigmoid_() if inplace else torch.sigmoid(pre)
-            out = c.lerp(x, g) if inplace else torch.addcmul(c, g, x - c)
+            out = c.to(g.dtype).lerp(x, g) if inplace else torch.addcmul(c, g, x - c)
         return l2norm(out) if self.renorm else out

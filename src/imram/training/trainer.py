@@ -6,7 +6,6 @@ A run directory holds ``config.yaml`` (the resolved config), ``vocab.json``, ``m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -23,6 +22,7 @@ from imram.data import PrecompDataset, Vocabulary, collate
 from imram.errors import ConfigError, DataError
 from imram.evaluation import evaluate_model
 from imram.models import build_model
+from imram.precision import autocast
 from imram.scoring import block_similarity
 from imram.training.checkpoint import (
     load_trainer_state,
@@ -47,14 +47,6 @@ class TrainResult:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(precision: str, device: torch.device):
-    """Mixed precision context for ``bf16``/``fp16``; a no-op for ``fp32``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

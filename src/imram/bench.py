@@ -12,13 +12,14 @@ import resource
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from imram.models import build_model
 from imram.models.memory import MemoryDistillation
-from imram.scoring import block_similarity
+from imram.scoring import block_similarity, score_gallery
 
 EPS = 1e-8
 
@@ -88,9 +89,24 @@ def _inputs(name: str, steps: int, n_images: int, n_captions: int, regions: int,
     torch.manual_seed(0)
     model = build_model(name, steps=steps, embed_dim=dim).eval()
     lengths = torch.randint(8, 21, (n_captions,))
-    with torch.no_grad():
-        img = model.encode_images(torch.randn(n_images, regions, model.config.img_dim))
-        cap = model.encode_captions(torch.randint(4, 1000, (n_captions, 20)), lengths)
+    tokens = torch.randint(4, 1000, (n_captions, 20))
+    with torch.no_grad():  # in batches of 128, as evaluation encodes
+        img = torch.cat(
+            [
+                model.encode_images(
+                    torch.randn(
+                        len(range(s, min(s + 128, n_images))), regions, model.config.img_dim
+                    )
+                )
+                for s in range(0, n_images, 128)
+            ]
+        )
+        cap = torch.cat(
+            [
+                model.encode_captions(tokens[s : s + 128], lengths[s : s + 128])
+                for s in range(0, n_captions, 128)
+            ]
+        )
     return model, img, cap, lengths
 
 
@@ -175,3 +191,54 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def _topk_peak(args: tuple) -> tuple[float, float, float]:
+    """In a fresh process: (peak RSS growth in MB, seconds, MB held by the embeddings)."""
+    name, steps, n_images, n_captions, budget_mb, threads = args
+    torch.set_num_threads(threads)
+    before = _peak_mb()
+    model, img, cap, lengths = _inputs(name, steps, n_images, n_captions, 36, 1024)
+    held = (img.numel() + cap.numel()) * 4 / 2**20
+    start = time.perf_counter()
+    score_gallery(model, img, cap, lengths, topk=10, budget_mb=budget_mb)
+    return _peak_mb() - before, time.perf_counter() - start, held
+
+
+def bench_topk_memory(
+    sizes: tuple[tuple[int, int], ...] = ((100, 500), (200, 1000), (400, 2000)),
+    name: str = "imram_full",
+    steps: int = 1,
+    budget_mb: float = 512.0,
+    threads: int | None = None,
+) -> str:
+    """Peak memory of top-k streaming at growing gallery sizes, and its linear extrapolation.
+
+    Memory is the embeddings (linear in the gallery) plus one block (fixed by ``budget_mb``)
+    plus the top-k lists; the fit over the measured sizes is extrapolated to COCO 5K.
+    """
+    threads = threads or torch.get_num_threads()
+    ctx = mp.get_context("spawn")
+    rows = []
+    for n_img, n_cap in sizes:
+        with ctx.Pool(1) as pool:
+            peak, seconds, held = pool.apply(
+                _topk_peak, ((name, steps, n_img, n_cap, budget_mb, threads),)
+            )
+        rows.append((n_img, n_cap, peak, seconds, held))
+    items = [n_img + n_cap for n_img, n_cap, *_ in rows]
+    peaks = [peak for _, _, peak, *_ in rows]
+    slope, intercept = np.polyfit(items, peaks, 1)
+    lines = [
+        f"top-10 streaming, {name} K={steps}, d=1024, 36 regions, lengths 8-20, "
+        f"block budget {budget_mb:.0f} MB",
+        f"{'images':>8}{'captions':>10}{'peak MB':>10}{'embeddings MB':>15}{'seconds':>9}",
+    ]
+    for n_img, n_cap, peak, seconds, held in rows:
+        lines.append(f"{n_img:>8}{n_cap:>10}{peak:>10.0f}{held:>15.0f}{seconds:>9.1f}")
+    coco = slope * (5000 + 25000) + intercept
+    lines.append(
+        f"linear fit: {intercept:.0f} MB + {slope * 1000:.0f} MB per 1000 items; "
+        f"5000 x 25000 gallery -> {coco / 1024:.2f} GB"
+    )
+    return "\n".join(lines)

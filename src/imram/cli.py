@@ -142,7 +142,11 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from imram.bench import bench_scoring, format_scoring
+    from imram.bench import bench_scoring, bench_topk_memory, format_scoring
+
+    if args.what == "memory":
+        print(bench_topk_memory(threads=args.threads))
+        return 0
 
     configs = tuple((name, steps) for name in args.models for steps in args.steps)
     results = bench_scoring(
@@ -225,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--json", help="write the metrics here")
     ens.set_defaults(func=_ensemble)
     bench = commands.add_parser("bench", help="measure the engine against a baseline")
-    bench.add_argument("what", choices=["scoring"], help="what to measure")
+    bench.add_argument(
+        "what", choices=["scoring", "memory"], help="scoring: pairs/s; memory: top-k streaming"
+    )
     bench.add_argument("--models", nargs="+", default=["imram_full", "imram_text", "imram_image"])
     bench.add_argument("--steps", nargs="+", type=int, default=[1, 3])
     bench.add_argument("--images", type=int, default=128)

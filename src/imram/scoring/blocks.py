@@ -133,6 +133,7 @@ def score_gallery(
     if out is not None and tuple(out.shape) != (n_img, n_cap):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n_img, n_cap)}")
     max_pairs = pairs_per_block(model, image_emb, caption_emb, budget_mb)
+    image_block = max(1, min(image_block, max_pairs // 16))  # at least 16 captions a block
     finished_rows: list[TopK] = []
     row_best: TopK | None = None
     row_start = 0

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from imram.errors import ImramError
+from imram.errors import ConfigError, ImramError
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
     source = args.config
     if source is None:
         if not args.resume:
-            raise_usage("train needs --config (or --resume with an existing --out)")
+            raise ConfigError("train needs --config (or --resume with an existing --out)")
         source = str(Path(args.out) / "config.yaml")
     config = load_config(source, args.set)
     result = train(
@@ -154,14 +154,6 @@ def _bench(args: argparse.Namespace) -> int:
     )
     print(format_scoring(results, args.images, args.captions))
     return 0
-
-
-class _UsageError(ImramError):
-    pass
-
-
-def raise_usage(message: str) -> None:
-    raise _UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -141,8 +141,8 @@ def train(
     last_metrics: dict[str, Any] = {}
 
     def checkpoint(epoch: int, batch: int) -> None:
-        position = {**state, "epoch": epoch, "batch": batch}
-        save_checkpoint(last_dir, model, config, vocab, position, optimizer)
+        state.update(epoch=epoch, batch=batch)  # the position a resume starts from
+        save_checkpoint(last_dir, model, config, vocab, dict(state), optimizer)
 
     def validate(epoch: int) -> None:
         nonlocal last_metrics
@@ -218,7 +218,6 @@ def train(
         state["batch"] = 0
         validate(epoch)
         checkpoint(epoch + 1, 0)
-    final = read_meta(last_dir)["state"]
     return TrainResult(
-        run, state["best_rsum"], final["epoch"], state["iteration"], stopped, last_metrics
+        run, state["best_rsum"], state["epoch"], state["iteration"], stopped, last_metrics
     )

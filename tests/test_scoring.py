@@ -24,12 +24,44 @@ def _block(name="imram_full", n_img=5, n_cap=9, seed=0):
 
 @pytest.mark.parametrize("name", ["imram_full", "scan_i2t", "vsepp"])
 @pytest.mark.parametrize("max_pairs", [1, 4, 7, 45, None])
-def test_blocks_equal_one_call(name, max_pairs):
+@pytest.mark.parametrize("budget_mb", [1024.0, 1e-3], ids=["one-chunk", "chunk-per-block"])
+def test_blocks_equal_one_call(name, max_pairs, budget_mb):
+    """Any blocking, and captions prepared in one chunk or a chunk per block, is exact."""
     model, img, cap, lengths = _block(name)
     with torch.no_grad():
         whole = model.similarity(img, cap, lengths)
-        blocks = block_similarity(model, img, cap, lengths, max_pairs)
+        blocks = block_similarity(model, img, cap, lengths, max_pairs, budget_mb=budget_mb)
     assert torch.allclose(blocks, whole, atol=1e-12, rtol=0)
+
+
+def test_prepared_sides_equal_raw_embeddings():
+    """Prepared images and a ``take`` of prepared captions score as the raw embeddings do."""
+    model, img, cap, lengths = _block("imram_full")
+    rows = torch.tensor([6, 1, 3])
+    with torch.no_grad():
+        prepared = model.prepare_captions(cap, lengths).take(rows)
+        assert prepared.emb.shape[1] == int(lengths[rows].max())
+        got = model.similarity(model.prepare_images(img), prepared, lengths[rows])
+        expected = model.similarity(img, cap[rows], lengths[rows])
+    assert torch.allclose(got, expected, atol=1e-12, rtol=0)
+
+
+def test_scratch_buffers_are_per_thread_and_grow():
+    import threading
+
+    from imram.models.workspace import scratch
+
+    like = torch.zeros(1)
+    a = scratch("t", (2, 3), like)
+    b = scratch("t", (3, 2), like)
+    assert a.data_ptr() == b.data_ptr()  # reused
+    c = scratch("t", (10, 10), like)
+    assert c.shape == (10, 10) and c.numel() == 100  # grown
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(scratch("t", (10, 10), like).data_ptr()))
+    thread.start()
+    thread.join()
+    assert seen[0] != scratch("t", (10, 10), like).data_ptr()
 
 
 def test_blocks_keep_gradients():

@@ -150,7 +150,12 @@ def _bench(args: argparse.Namespace) -> int:
 
     configs = tuple((name, steps) for name in args.models for steps in args.steps)
     results = bench_scoring(
-        configs, args.images, args.captions, args.baseline_captions, threads=args.threads
+        configs,
+        args.images,
+        args.captions,
+        args.baseline_captions,
+        threads=args.threads,
+        repeats=args.repeats,
     )
     print(format_scoring(results, args.images, args.captions))
     return 0
@@ -234,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="time the baseline on the first N captions only (its cost per caption is constant)",
     )
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs each; the best counts")
     bench.set_defaults(func=_bench)
     return parser
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,35 @@ from imram.errors import DataError
 from imram.metrics import evaluate_sims
 from imram.precision import autocast
 from imram.scoring import block_similarity, distributed_similarity
+
+
+def encode_in_batches(
+    encode: Callable[[slice], Tensor],
+    n_items: int,
+    batch_size: int = 128,
+    length: int | None = None,
+) -> Tensor:
+    """``encode(batch range)`` over ``0..n_items``, written into one preallocated tensor.
+
+    Writing in place avoids holding every batch and their concatenation at once (twice the
+    embeddings' memory). ``length`` zero-pads dimension 1 of 3-d outputs (caption words).
+    """
+    out: Tensor | None = None
+    for start in range(0, n_items, batch_size):
+        part = encode(slice(start, min(start + batch_size, n_items)))
+        if out is None:
+            shape = list(part.shape)
+            shape[0] = n_items
+            if part.dim() == 3 and length is not None:
+                shape[1] = length
+            out = part.new_zeros(shape)
+        if part.dim() == 3:
+            out[start : start + part.shape[0], : part.shape[1]] = part
+        else:
+            out[start : start + part.shape[0]] = part
+    if out is None:
+        raise ValueError("nothing to encode")
+    return out
 
 
 @torch.no_grad()
@@ -30,21 +59,22 @@ def encode_split(
 
     Caption embeddings are padded to the longest caption of the whole set.
     """
-    images = [
-        model.encode_images(dataset.images(image_indices[s : s + batch_size]).to(device))
-        for s in range(0, len(image_indices), batch_size)
-    ]
+    image_indices, caption_indices = list(image_indices), list(caption_indices)
+    images = encode_in_batches(
+        lambda s: model.encode_images(dataset.images(image_indices[s]).to(device)),
+        len(image_indices),
+        batch_size,
+    )
     token_lists = [dataset.caption_tokens(j) for j in caption_indices]
-    longest = max(len(t) for t in token_lists)
-    captions, lengths = [], []
-    for s in range(0, len(token_lists), batch_size):
-        tokens, lens = pad_captions(token_lists[s : s + batch_size])
-        emb = model.encode_captions(tokens.to(device), lens.to(device))
-        if emb.dim() == 3 and emb.shape[1] < longest:
-            emb = torch.nn.functional.pad(emb, (0, 0, 0, longest - emb.shape[1]))
-        captions.append(emb)
-        lengths.append(lens)
-    return torch.cat(images), torch.cat(captions), torch.cat(lengths).to(device)
+    lengths = torch.tensor([len(t) for t in token_lists])
+
+    def captions(s: slice) -> Tensor:
+        tokens, lens = pad_captions(token_lists[s])
+        return model.encode_captions(tokens.to(device), lens.to(device))
+
+    longest = int(lengths.max()) if len(token_lists) else 0
+    caption_emb = encode_in_batches(captions, len(token_lists), batch_size, longest)
+    return images, caption_emb, lengths.to(device)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -45,12 +46,15 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("name,steps,norm,agg", CASES)
-def test_imram_matches_reference(name, steps, norm, agg, dtype):
+def test_imram_matches_reference(name, steps, norm, agg, dtype, grad):
+    """Both paths: with autograd, and the in-place inference path evaluation takes."""
     model = _model(name, dtype, steps=steps, attn_norm=norm, aggregator=agg)
     img, cap = _inputs(model, dtype)
-    batched = model.similarity(img, cap, LENGTHS)
+    with torch.set_grad_enabled(grad):
+        batched = model.similarity(img, cap, LENGTHS)
     reference = reference_similarity(model, img, cap, LENGTHS)
     assert batched.shape == (3, len(LENGTHS))
     assert (batched - reference).abs().max().item() <= TOLERANCE[dtype]
@@ -75,8 +79,11 @@ def test_imram_matches_reference(name, steps, norm, agg, dtype):
 def test_other_models_and_options_match_reference(name, overrides, dtype):
     model = _model(name, dtype, **overrides)
     img, cap = _inputs(model, dtype)
-    diff = model.similarity(img, cap, LENGTHS) - reference_similarity(model, img, cap, LENGTHS)
-    assert diff.abs().max().item() <= TOLERANCE[dtype]
+    reference = reference_similarity(model, img, cap, LENGTHS)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            diff = model.similarity(img, cap, LENGTHS) - reference
+        assert diff.abs().max().item() <= TOLERANCE[dtype], grad
 
 
 def test_every_registered_name_is_covered():
@@ -93,34 +100,47 @@ def _grads(model, sims):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize(
     "name,overrides",
     [(n, {}) for n in list_models()]
     + [("imram_full", {"aggregator": a}) for a in AGGREGATORS if a != "ours"]
     + [("imram_text", {"attn_norm": "relu_l2norm", "pooling": "lse"})],
 )
-def test_gradients_match_reference(name, overrides, dtype):
-    model = _model(name, dtype, **overrides)
-    features, tokens = _raw(dtype, seed=1)
+def test_gradients_match_reference(name, overrides):
+    """fp64: the batched gradients equal the reference's to 1e-10. fp32: both are rounded
+    versions of the fp64 truth; the batched ones must be within 1e-5 of it, or about as close
+    as the plain reference's own (the loss sums many pairs: fp32 rounding alone can exceed
+    1e-5 on badly conditioned entries, for both)."""
+    exact = _model(name, torch.float64, **overrides)
+    features, tokens = _raw(torch.float64, seed=1)
 
-    def run(scorer):
-        img = model.encode_images(features)
+    def run(model, scorer):
+        dtype = next(model.parameters()).dtype
+        img = model.encode_images(features.to(dtype))
         cap = model.encode_captions(tokens, LENGTHS)
-        return _grads(model, scorer(img, cap))
+        return _grads(model, scorer(model, img, cap))
 
-    batched = run(lambda i, c: model.similarity(i, c, LENGTHS))
-    reference = run(lambda i, c: reference_similarity(model, i, c, LENGTHS))
-    assert batched.keys() == reference.keys()
-    assert any(n.startswith("text_encoder.gru") for n in batched)
-    if name != "vsepp" and model.config.steps > 1 and model.config.aggregator != "add":
-        assert any("memory" in n for n in batched)
-    for key in batched:
-        assert torch.isfinite(batched[key]).all(), key
-        # Absolute bound for gradients up to 1, relative to the largest entry beyond that.
-        scale = max(1.0, reference[key].abs().max().item())
-        diff = (batched[key] - reference[key]).abs().max().item()
-        assert diff <= TOLERANCE[dtype] * scale, key
+    def batched(m, i, c):
+        return m.similarity(i, c, LENGTHS)
+
+    def plain(m, i, c):
+        return reference_similarity(m, i, c, LENGTHS)
+
+    truth = run(exact, plain)
+    rounded = copy.deepcopy(exact).float()
+    grads = {"fp64": run(exact, batched), "fp32": run(rounded, batched)}
+    reference32 = run(rounded, plain)
+    assert grads["fp64"].keys() == truth.keys() == grads["fp32"].keys()
+    assert any(n.startswith("text_encoder.gru") for n in truth)
+    if name != "vsepp" and exact.config.steps > 1 and exact.config.aggregator != "add":
+        assert any("memory" in n for n in truth)
+    for key, expected in truth.items():
+        scale = max(1.0, expected.abs().max().item())
+        assert torch.isfinite(grads["fp32"][key]).all(), key
+        assert (grads["fp64"][key] - expected).abs().max().item() <= 1e-10 * scale, key
+        own = (reference32[key].double() - expected).abs().max().item()
+        error = (grads["fp32"][key].double() - expected).abs().max().item()
+        assert error <= 4 * own + 1e-5 * scale, key
 
 
 def test_padding_is_invisible():

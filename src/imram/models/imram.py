@@ -17,6 +17,7 @@ from imram.models.attention import (
 )
 from imram.models.encoders import build_encoders, length_mask
 from imram.models.memory import MemoryDistillation
+from imram.models.workspace import scratch
 
 
 @dataclass
@@ -33,9 +34,56 @@ class BranchTrace:
     step_scores: Tensor
 
 
+@dataclass
+class QuerySide:
+    """What a query item contributes to every pair, computed once: its fragments ``emb
+    [Q, n, d]``, their norms, and the memory's step-1 query terms ``W_x x⁽⁰⁾`` (or None)."""
+
+    emb: Tensor
+    norm: Tensor
+    first_terms: Tensor | None
+
+    def take(self, rows: Tensor, length: int) -> QuerySide:
+        """Items ``rows``, their fragments cut to ``length``."""
+        first = None if self.first_terms is None else self.first_terms[rows, :length]
+        return QuerySide(self.emb[rows, :length], self.norm[rows, :length], first)
+
+
+@dataclass
+class ContextSide:
+    """What a context item contributes to every pair, computed once: its fragments ``emb
+    [C, m, d]``, their Gram matrices, and the values each update attends (or None at K=1):
+    the fragments themselves and/or the memory's context terms ``W_c y + b``."""
+
+    emb: Tensor
+    gram: Tensor
+    values: Tensor | None
+
+    def take(self, rows: Tensor, length: int) -> ContextSide:
+        """Items ``rows``, their fragments cut to ``length``."""
+        values = None if self.values is None else self.values[rows, :length]
+        return ContextSide(self.emb[rows, :length], self.gram[rows, :length, :length], values)
+
+
+def prepare_query(query: Tensor, memory: MemoryDistillation | None, steps: int) -> QuerySide:
+    """The per-query-item half of :func:`iterative_matching`."""
+    first = memory.query_terms(query) if steps > 1 and memory is not None else None
+    return QuerySide(query, torch.linalg.vector_norm(query, dim=-1), first)
+
+
+def prepare_context(context: Tensor, memory: MemoryDistillation | None, steps: int) -> ContextSide:
+    """The per-context-item half of :func:`iterative_matching`."""
+    gram = context @ context.transpose(-1, -2)
+    if steps == 1 or memory is None:
+        return ContextSide(context, gram, None)
+    c_terms = memory.context_terms(context)
+    parts = ([context] if memory.needs_context else []) + ([c_terms] if c_terms is not None else [])
+    return ContextSide(context, gram, torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0])
+
+
 def iterative_matching(
-    query: Tensor,
-    context: Tensor,
+    query: Tensor | QuerySide,
+    context: Tensor | ContextSide,
     *,
     steps: int,
     lam: float,
@@ -54,43 +102,28 @@ def iterative_matching(
     against the *original* query fragments, then updates the queries with the memory unit.
     The update is computed exactly but restructured (SPEC §9): the memory's context halves are
     projected once per context item and attended together with the context, its query halves
-    are per query item at step 1, and there is no update after the last step.
+    are per query item at step 1, and there is no update after the last step. Either side may
+    be passed already prepared (:func:`prepare_query`, :func:`prepare_context`) so that a
+    gallery scored in blocks computes each item's half once.
     """
     if steps > 1 and memory is None:
         raise ValueError("more than one step needs a memory distillation unit")
-    base = raw_scores(query, context)  # x⁽⁰⁾ · y, reused by every step's cosine
-    gram = context @ context.transpose(-1, -2)
-    query_norm = torch.linalg.vector_norm(query, dim=-1)
-    if steps > 1:
-        d = context.shape[-1]
-        c_terms = memory.context_terms(context)
-        parts = ([context] if memory.needs_context else []) + (
-            [c_terms] if c_terms is not None else []
-        )
-        values = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        first_terms = memory.query_terms(query)
-    current = query
+    q = query if isinstance(query, QuerySide) else prepare_query(query, memory, steps)
+    ctx = context if isinstance(context, ContextSide) else prepare_context(context, memory, steps)
+    base = raw_scores(q.emb, ctx.emb)  # x⁽⁰⁾ · y, reused by every step's cosine
+    current = q.emb
     scores, weights_per_step, fragments = [], [], []
     for k in range(steps):
-        raw = base if (k == 0 and sim == "dot") else raw_scores(current, context, sim)
+        raw = base if (k == 0 and sim == "dot") else raw_scores(current, ctx.emb, sim)
         weights = attention_from_scores(raw, lam, norm, query_mask, context_mask)
-        cosines = fragment_cosine(base, weights, gram, query_norm)
+        cosines = fragment_cosine(base, weights, ctx.gram, q.norm)
         scores.append(pool_fragments(cosines, query_mask, pooling, lambda_lse))
         if trace:
             weights_per_step.append(weights)
             fragments.append(cosines)
         if k + 1 < steps:
-            attended = attend(weights, values)
-            c = attended[..., :d] if memory.needs_context else None
-            pre = attended[..., d:] if memory.needs_context else attended
-            if pre.shape[-1] == 0:
-                pre = None
-            if k == 0:
-                if first_terms is not None:
-                    pre = pre + first_terms[None]
-                current = memory.combine(query[None], c, pre)
-            else:
-                current = memory.combine(current, c, memory.query_terms(current, add_to=pre))
+            first = q.first_terms if k == 0 else None
+            current = _update(memory, current, weights, ctx.values, first, slot=k % 2)
     step_scores = torch.stack(scores, dim=-1).transpose(0, 1)
     if not trace:
         return step_scores
@@ -99,6 +132,71 @@ def iterative_matching(
     weights_per_step = [w.transpose(0, 1) for w in weights_per_step]
     fragment_scores = torch.stack(fragments, dim=2).transpose(0, 1)
     return BranchTrace(weights_per_step, fragment_scores, step_scores)
+
+
+def _update(
+    memory: MemoryDistillation,
+    current: Tensor,
+    weights: Tensor,
+    values: Tensor,
+    first_terms: Tensor | None,
+    slot: int,
+) -> Tensor:
+    """One memory update of every pair's queries from its attention ``weights``.
+
+    At step 1 the queries are per item (``[Q, n, d]``) and their terms ``first_terms`` are added
+    inside the attention product (when the values are the terms alone); later the queries are
+    per pair and their terms are one GEMM. Without autograd the pre-activations go into the
+    scratch buffer ``slot`` (alternating, since the queries live in the previous one).
+    """
+    d = memory.dim
+    fused = first_terms is not None and not memory.needs_context
+    out = None
+    if not torch.is_grad_enabled() and not torch.is_autocast_enabled(values.device.type):
+        shape = (*weights.shape[:3], values.shape[-1])
+        out = scratch(f"update{slot}", shape, values)
+    attended = attend(weights, values, add=first_terms if fused else None, out=out)
+    c = attended[..., :d] if memory.needs_context else None
+    pre = attended[..., d:] if memory.needs_context else attended
+    if pre.shape[-1] == 0:
+        pre = None
+    if first_terms is not None and not fused:
+        pre = pre + first_terms[None]
+    if current.dim() == 3:
+        return memory.combine(current[None], c, pre)
+    return memory.combine(current, c, memory.query_terms(current, add_to=pre))
+
+
+@dataclass
+class PreparedImages:
+    """An image block's per-item halves of both branches (:meth:`IMRAM.prepare_images`):
+    the regions as the text branch's context and as the image branch's queries."""
+
+    emb: Tensor
+    as_context: ContextSide | None
+    as_query: QuerySide | None
+
+
+@dataclass
+class PreparedCaptions:
+    """A caption block's per-item halves of both branches (:meth:`IMRAM.prepare_captions`):
+    the words as the text branch's queries and as the image branch's context."""
+
+    emb: Tensor
+    lengths: Tensor
+    as_query: QuerySide | None
+    as_context: ContextSide | None
+
+    def take(self, rows: Tensor) -> PreparedCaptions:
+        """Captions ``rows`` (e.g. one block of a prepared chunk), cut to their longest."""
+        lengths = self.lengths[rows]
+        n = int(lengths.max())
+        return PreparedCaptions(
+            self.emb[rows, :n],
+            lengths,
+            None if self.as_query is None else self.as_query.take(rows, n),
+            None if self.as_context is None else self.as_context.take(rows, n),
+        )
 
 
 class IMRAM(nn.Module):
@@ -127,11 +225,44 @@ class IMRAM(nn.Module):
         """``[B, L]`` token ids → ``[B, L, d]`` unit word vectors (zero past each length)."""
         return self.text_encoder(tokens, lengths)[0]
 
+    def prepare_images(self, image_emb: Tensor) -> PreparedImages:
+        """Compute the images' per-item terms once, for scoring them against many caption
+        blocks; :meth:`similarity` accepts the result in place of ``image_emb``."""
+        steps = self.config.steps
+        return PreparedImages(
+            image_emb,
+            prepare_context(image_emb, self.text_memory, steps) if self.uses("text") else None,
+            prepare_query(image_emb, self.image_memory, steps) if self.uses("image") else None,
+        )
+
+    def prepare_captions(self, caption_emb: Tensor, lengths: Tensor) -> PreparedCaptions:
+        """Compute the captions' per-item terms once, for scoring them against many image
+        blocks; :meth:`similarity` accepts the result (or a :meth:`PreparedCaptions.take` of
+        it) in place of ``caption_emb``."""
+        steps = self.config.steps
+        n = int(lengths.max())
+        caption_emb = caption_emb[:, :n]
+        return PreparedCaptions(
+            caption_emb,
+            lengths,
+            prepare_query(caption_emb, self.text_memory, steps) if self.uses("text") else None,
+            prepare_context(caption_emb, self.image_memory, steps) if self.uses("image") else None,
+        )
+
     def _branches(
-        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor, trace: bool
+        self,
+        image_emb: Tensor | PreparedImages,
+        caption_emb: Tensor | PreparedCaptions,
+        lengths: Tensor,
+        trace: bool,
     ) -> dict[str, Tensor | BranchTrace]:
         cfg = self.config
-        mask = length_mask(lengths.to(caption_emb.device), caption_emb.shape[1])
+        if not isinstance(image_emb, PreparedImages):
+            image_emb = self.prepare_images(image_emb)
+        if not isinstance(caption_emb, PreparedCaptions):
+            caption_emb = self.prepare_captions(caption_emb, lengths)
+        lengths = caption_emb.lengths
+        mask = length_mask(lengths.to(caption_emb.emb.device), caption_emb.emb.shape[1])
         common = dict(
             steps=cfg.steps,
             norm=cfg.attn_norm,
@@ -143,8 +274,8 @@ class IMRAM(nn.Module):
         out: dict[str, Tensor | BranchTrace] = {}
         if self.uses("text"):
             out["text"] = iterative_matching(
-                caption_emb,
-                image_emb,
+                caption_emb.as_query,
+                image_emb.as_context,
                 lam=cfg.lambda_softmax,
                 memory=self.text_memory,
                 query_mask=mask,
@@ -152,8 +283,8 @@ class IMRAM(nn.Module):
             )
         if self.uses("image"):
             out["image"] = iterative_matching(
-                image_emb,
-                caption_emb,
+                image_emb.as_query,
+                caption_emb.as_context,
                 lam=cfg.image_lambda,
                 memory=self.image_memory,
                 context_mask=mask,
@@ -161,7 +292,12 @@ class IMRAM(nn.Module):
             )
         return out
 
-    def step_scores(self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor) -> Tensor:
+    def step_scores(
+        self,
+        image_emb: Tensor | PreparedImages,
+        caption_emb: Tensor | PreparedCaptions,
+        lengths: Tensor,
+    ) -> Tensor:
         """Per-step scores ``[n_images, n_captions, K]``, the branches summed (Eq. 10)."""
         branches = self._branches(image_emb, caption_emb, lengths, trace=False)
         total = 0
@@ -169,8 +305,17 @@ class IMRAM(nn.Module):
             total = total + (scores.transpose(0, 1) if name == "text" else scores)
         return total
 
-    def similarity(self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor) -> Tensor:
-        """Scores of every image against every caption of a block → ``[n_images, n_captions]``."""
+    def similarity(
+        self,
+        image_emb: Tensor | PreparedImages,
+        caption_emb: Tensor | PreparedCaptions,
+        lengths: Tensor,
+    ) -> Tensor:
+        """Scores of every image against every caption of a block → ``[n_images, n_captions]``.
+
+        Either side may be prepared (:meth:`prepare_images`, :meth:`prepare_captions`); the
+        lengths of prepared captions are their own.
+        """
         return self.step_scores(image_emb, caption_emb, lengths).sum(dim=-1)
 
     @torch.no_grad()

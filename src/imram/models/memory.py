@@ -9,6 +9,8 @@ per context item and attended like the context itself (SPEC §9). ``forward`` is
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -65,11 +67,23 @@ class MemoryDistillation(nn.Module):
             return []
         return [self.gate] + ([self.fuse] if self.aggregator == "ours" else [])
 
+    def _stacked(self, name: str, build: Callable[[], Tensor]) -> Tensor:
+        """``build()`` (a stack of weight slices), cached without autograd until a weight
+        changes (its storage, version or dtype), since the copy costs as much as a small GEMM."""
+        if torch.is_grad_enabled():
+            return build()
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        cache = self.__dict__.setdefault("_stack_cache", {})
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, build())
+        return cache[name][1]
+
     def query_weight(self) -> Tensor | None:
         """``W_x`` of every map stacked ``[k, d]``, or None when no map reads the query."""
         if self.aggregator in ("add", "mlp"):
             return None
-        return torch.cat([m.weight[:, : self.dim] for m in self._maps()], dim=0)
+        d = self.dim
+        return self._stacked("wx", lambda: torch.cat([m.weight[:, :d] for m in self._maps()]))
 
     def query_terms(self, x: Tensor, add_to: Tensor | None = None) -> Tensor | None:
         """``W_x x`` of every map (``[..., k]``), added to ``add_to`` in the same GEMM if given.
@@ -101,7 +115,9 @@ class MemoryDistillation(nn.Module):
         if self.aggregator == "mlp":
             return self.fuse(context)
         d = self.dim
-        return torch.cat([F.linear(context, m.weight[:, d:], m.bias) for m in self._maps()], -1)
+        weight = self._stacked("wc", lambda: torch.cat([m.weight[:, d:] for m in self._maps()]))
+        bias = self._stacked("b", lambda: torch.cat([m.bias for m in self._maps()]))
+        return F.linear(context, weight, bias)
 
     def combine(self, x: Tensor, c: Tensor | None, pre: Tensor | None) -> Tensor:
         """``forward(x, c)`` given the pre-activations ``pre = W_x x + W_c c + b``.

@@ -106,9 +106,8 @@ def _inputs(name: str, steps: int, n_images: int, n_captions: int, regions: int,
 
 def _measure(args: tuple) -> tuple[float, float, Tensor]:
     """Run one scorer in a fresh process on the first ``scored`` captions of the same inputs:
-    (best pairs/s of ``repeats`` timed runs after a small warm-up, growth of peak RSS in MB,
-    scores)."""
-    which, name, steps, n_images, n_captions, scored, regions, dim, threads, repeats = args
+    (pairs/s of one timed run after a small warm-up, growth of peak RSS in MB, scores)."""
+    which, name, steps, n_images, n_captions, scored, regions, dim, threads = args
     torch.set_num_threads(threads)
     model, img, cap, lengths = _inputs(name, steps, n_images, n_captions, regions, dim)
     cap, lengths = cap[:scored], lengths[:scored]
@@ -119,14 +118,12 @@ def _measure(args: tuple) -> tuple[float, float, Tensor]:
         return release_style_similarity(model, images, captions, lens)
 
     before = _peak_mb()
-    best = 0.0
     with torch.no_grad():
         run(img[:8], cap[:4], lengths[:4])  # threads, kernels and buffers warm up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scores = run(img, cap, lengths)
-            best = max(best, n_images * scored / (time.perf_counter() - start))
-    return best, _peak_mb() - before, scores
+        start = time.perf_counter()
+        scores = run(img, cap, lengths)
+        seconds = time.perf_counter() - start
+    return n_images * scored / seconds, _peak_mb() - before, scores
 
 
 def bench_scoring(
@@ -147,8 +144,9 @@ def bench_scoring(
     repeats: int = 3,
 ) -> list[ScoringResult]:
     """Pairs/s of the engine (``block_similarity`` with a 1 GB block budget, which calls
-    ``model.similarity`` on length-sorted blocks) and of the release-style loop, each in its own
-    process, the best of ``repeats`` runs each (the machine's noise only ever slows a run).
+    ``model.similarity`` on length-sorted blocks) and of the release-style loop, each run in a
+    fresh process, the two alternating ``repeats`` times so that both see the same state of
+    the machine; the best run of each counts (a busy machine only ever slows a run).
 
     The baseline's cost is the same for every caption, so ``baseline_captions`` may time it on
     the first captions only; the engine always scores the whole block. Scores are compared on
@@ -160,16 +158,16 @@ def bench_scoring(
     results = []
     for name, steps in configs:
         common = (name, steps, n_images, n_captions)
-        with ctx.Pool(1) as pool:
-            engine = pool.apply(
-                _measure, (("engine", *common, n_captions, regions, dim, threads, repeats),)
-            )
-        with ctx.Pool(1) as pool:
-            base = pool.apply(
-                _measure, (("baseline", *common, base_caps, regions, dim, threads, repeats),)
-            )
+        runs: dict[str, list[tuple[float, float, Tensor]]] = {"engine": [], "baseline": []}
+        for _ in range(repeats):
+            for which, scored in (("engine", n_captions), ("baseline", base_caps)):
+                with ctx.Pool(1) as pool:
+                    job = (which, *common, scored, regions, dim, threads)
+                    runs[which].append(pool.apply(_measure, (job,)))
+        engine, base = (max(runs[w], key=lambda r: r[0]) for w in ("engine", "baseline"))
+        engine_mb, base_mb = (max(r[1] for r in runs[w]) for w in ("engine", "baseline"))
         diff = (engine[2][:, :base_caps] - base[2]).abs().max().item()
-        results.append(ScoringResult(name, steps, engine[0], base[0], engine[1], base[1], diff))
+        results.append(ScoringResult(name, steps, engine[0], base[0], engine_mb, base_mb, diff))
     return results
 
 

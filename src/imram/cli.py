@@ -105,6 +105,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=device,
             precision=args.precision,
+            against_fp32=args.against_fp32,
+            progress=not args.no_progress and rank == 0,
         )
     finally:
         shutdown()
@@ -114,6 +116,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if world > 1:
         title += f", scored by {world} processes"
     print(format_table(metrics, title=title))
+    if "fp32_rsum" in metrics:
+        print(
+            f"fp32 rsum {metrics['fp32_rsum']:.2f}: {args.precision} differs by "
+            f"{metrics['rsum_vs_fp32']:+.2f} rsum, at most {metrics['max_score_diff_vs_fp32']:.2e} "
+            "in a score"
+        )
     payload = {
         "checkpoint": str(checkpoint.path),
         "split": args.split,
@@ -215,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype"
     )
+    evaluate.add_argument(
+        "--against-fp32",
+        action="store_true",
+        help="with bf16/fp16: score again in fp32 and report the rsum difference",
+    )
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)
 
     ens = commands.add_parser("ensemble", help="average saved similarity matrices")

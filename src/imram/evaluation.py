@@ -14,7 +14,7 @@ from imram.data import PrecompDataset, pad_captions
 from imram.errors import DataError
 from imram.metrics import evaluate_sims
 from imram.precision import autocast
-from imram.scoring import block_similarity, distributed_similarity
+from imram.scoring import distributed_similarity, score_gallery
 
 
 def encode_in_batches(
@@ -87,10 +87,16 @@ def evaluate_model(
     budget_mb: float = 1024.0,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    against_fp32: bool = False,
+    progress: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Score the split (or its first ``max_captions`` captions and their images), encoding and
     scoring under ``precision`` (``fp32``, ``bf16`` or ``fp16`` autocast).
 
+    ``against_fp32`` (with a low precision) scores the split a second time in fp32 and adds
+    ``fp32_rsum``, ``rsum_vs_fp32`` (this rsum minus fp32's) and ``max_score_diff_vs_fp32``
+    to the metrics: what the low precision costs in accuracy, on the data at hand.
+    ``progress`` shows a bar with pairs/s while a single process scores.
     Returns the metrics, the ``[n_images, n_captions]`` float32 matrix and its cap2img.
     """
     was_training = model.training
@@ -105,12 +111,22 @@ def evaluate_model(
             model, dataset, image_indices.tolist(), caption_indices.tolist(), batch_size, device
         )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sims = distributed_similarity(model, img, cap, lengths, budget_mb)
+            sims = distributed_similarity(model, img, cap, lengths, budget_mb).float().cpu().numpy()
         else:
-            sims = block_similarity(model, img, cap, lengths, budget_mb=budget_mb)
-    sims = sims.float().cpu().numpy()
+            sims = np.empty((len(image_indices), n_cap), dtype=np.float32)
+            score_gallery(
+                model, img, cap, lengths, out=sims, budget_mb=budget_mb, progress=progress
+            )
     model.train(was_training)
-    return evaluate_sims(sims, cap2img, protocol), sims, cap2img
+    metrics = evaluate_sims(sims, cap2img, protocol)
+    if against_fp32 and precision != "fp32":
+        exact, exact_sims, _ = evaluate_model(
+            model, dataset, protocol, max_captions, batch_size, budget_mb, device, "fp32"
+        )
+        metrics["fp32_rsum"] = exact["rsum"]
+        metrics["rsum_vs_fp32"] = metrics["rsum"] - exact["rsum"]
+        metrics["max_score_diff_vs_fp32"] = float(np.abs(sims - exact_sims).max())
+    return metrics, sims, cap2img
 
 
 def ensemble(

@@ -115,6 +115,21 @@ def test_ensemble_averages_saved_matrices(toy_data, tmp_path):
     assert json.loads(out.read_text())["rsum"] == pytest.approx(expected["rsum"])
 
 
+def test_low_precision_evaluation_reports_its_rsum_against_fp32(toy_data, tmp_path, capsys):
+    train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(toy_data)]
+    assert main([*argv, "--json", str(tmp_path / "fp32.json")]) == 0
+    low = [*argv, "--precision", "bf16", "--against-fp32", "--json", str(tmp_path / "bf16.json")]
+    assert main(low) == 0
+    assert "fp32 rsum" in capsys.readouterr().out
+    exact = json.loads((tmp_path / "fp32.json").read_text())
+    report = json.loads((tmp_path / "bf16.json").read_text())
+    assert report["precision"] == "bf16" and "fp32_rsum" not in exact
+    assert report["fp32_rsum"] == pytest.approx(exact["rsum"])
+    assert report["rsum_vs_fp32"] == pytest.approx(report["rsum"] - exact["rsum"])
+    assert 0 < report["max_score_diff_vs_fp32"] < 0.1
+
+
 def _one_line_error(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -153,10 +153,13 @@ def _bench(args: argparse.Namespace) -> int:
     from imram.bench import bench_scoring, bench_topk_memory, format_scoring
 
     if args.what == "memory":
-        print(bench_topk_memory(threads=args.threads))
+        for name in args.models or ["imram_full"]:
+            for steps in args.steps or [3]:
+                print(bench_topk_memory(name=name, steps=steps, threads=args.threads))
         return 0
 
-    configs = tuple((name, steps) for name in args.models for steps in args.steps)
+    models = args.models or ["imram_full", "imram_text", "imram_image"]
+    configs = tuple((name, steps) for name in models for steps in args.steps or [1, 3])
     results = bench_scoring(
         configs,
         args.images,
@@ -243,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "what", choices=["scoring", "memory"], help="scoring: pairs/s; memory: top-k streaming"
     )
-    bench.add_argument("--models", nargs="+", default=["imram_full", "imram_text", "imram_image"])
-    bench.add_argument("--steps", nargs="+", type=int, default=[1, 3])
+    bench.add_argument(
+        "--models", nargs="+", help="default: all three IMRAM variants (memory: imram_full)"
+    )
+    bench.add_argument("--steps", nargs="+", type=int, help="K values (default 1 3; memory: 3)")
     bench.add_argument("--images", type=int, default=128)
     bench.add_argument("--captions", type=int, default=128)
     bench.add_argument(

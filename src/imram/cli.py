@@ -130,7 +130,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     }
     _write_json(args.json, {**payload, **metrics})
     if args.save_sims:
-        np.save(args.save_sims, sims)
+        from imram.data.text import atomic_output
+
+        with atomic_output(args.save_sims) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, sims)
     return 0
 
 
@@ -169,6 +172,62 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
     )
     print(format_scoring(results, args.images, args.captions))
+    return 0
+
+
+def _extractor(args: argparse.Namespace):
+    from imram.features.extract import ExtractorConfig
+
+    return ExtractorConfig(
+        backbone=args.backbone,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        resize=args.resize,
+    )
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from imram.prepare import prepare_folder, prepare_tuxpaint
+
+    common = dict(
+        extractor=_extractor(args),
+        dev_fraction=args.dev_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        progress=not args.no_progress,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    if args.source == "tuxpaint":
+        report = prepare_tuxpaint(args.out, cache=args.cache, **common)
+    else:
+        if not args.images or not args.captions:
+            raise ConfigError("prepare folder needs --images DIR and --captions FILE")
+        report = prepare_folder(
+            args.images,
+            args.captions,
+            args.format,
+            args.out,
+            max_dev_images=args.max_dev_images,
+            max_test_images=args.max_test_images,
+            max_captions_per_image=args.max_captions_per_image,
+            **common,
+        )
+    print(report.summary())
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from imram.quickstart import run_quickstart
+
+    result = run_quickstart(
+        args.out, overrides=args.set, device=args.device, progress=not args.no_progress
+    )
+    print(result.table)
+    print(
+        f"wrote {result.report_md} and {result.report_json} "
+        f"(whole run {result.seconds / 60:.1f} min)"
+    )
     return 0
 
 
@@ -242,6 +301,55 @@ def build_parser() -> argparse.ArgumentParser:
     ens.add_argument("--protocol", choices=PROTOCOLS, default="1k")
     ens.add_argument("--json", help="write the metrics here")
     ens.set_defaults(func=_ensemble)
+    prep = commands.add_parser("prepare", help="images and captions -> a precomp folder")
+    prep.add_argument(
+        "source", choices=["folder", "tuxpaint"], help="folder: your images; tuxpaint: the stamps"
+    )
+    prep.add_argument("--out", required=True, help="precomp folder to write")
+    prep.add_argument("--images", help="folder the caption file's image names are relative to")
+    prep.add_argument("--captions", help="caption file")
+    prep.add_argument(
+        "--format",
+        choices=["flickr8k", "csv", "karpathy", "coco", "tsv"],
+        help="caption format (default: detected from the file)",
+    )
+    prep.add_argument(
+        "--backbone",
+        choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        default="efficientnet_lite0",
+    )
+    prep.add_argument(
+        "--input-size", type=int, default=224, help="pixels (224: a 7x7 grid of regions)"
+    )
+    prep.add_argument("--resize", choices=["pad", "stretch", "center_crop"], default="pad")
+    prep.add_argument("--batch-size", type=int, default=32)
+    prep.add_argument("--dev-fraction", type=float, default=0.1)
+    prep.add_argument("--test-fraction", type=float, default=0.1)
+    prep.add_argument("--max-dev-images", type=int, help="cap the hashed dev split")
+    prep.add_argument("--max-test-images", type=int, help="cap the hashed test split")
+    prep.add_argument("--max-captions-per-image", type=int, help="keep an image's first N captions")
+    prep.add_argument("--seed", default="imram", help="mixed into the split hash")
+    prep.add_argument("--cache", help="tuxpaint: cache folder (default ~/.cache/imram)")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing precomp")
+    prep.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(func=_prepare)
+
+    quick = commands.add_parser(
+        "quickstart", help="prepare Tux Paint, train Full-IMRAM, SCAN t-i and VSE++, compare"
+    )
+    quick.add_argument("--out", default="runs/quickstart", help="default runs/quickstart")
+    quick.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of every preset, e.g. train.epochs=2 (repeatable)",
+    )
+    quick.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    quick.add_argument("--no-progress", action="store_true", help="no progress bars")
+    quick.set_defaults(func=_quickstart)
+
     bench = commands.add_parser("bench", help="measure the engine against a baseline")
     bench.add_argument(
         "what", choices=["scoring", "memory"], help="scoring: pairs/s; memory: top-k streaming"

@@ -14,6 +14,7 @@ ATTENTION_SIMS = ("dot", "cosine")
 AGGREGATORS = ("ours", "add", "mlp", "att", "gate")
 POOLINGS = ("avg", "lse")
 TEXT_POOLS = ("last", "mean")
+WORD_VECTORS = ("", "glove-6b-50d")
 
 
 @dataclass
@@ -30,6 +31,9 @@ class ModelConfig:
     img_dim: int = 2048
     embed_dim: int = 1024
     gru_layers: int = 1
+    # Word embeddings: "" (random) or "glove-6b-50d" (needs word_dim 50); frozen or trained.
+    word_vectors: str = ""
+    freeze_words: bool = False
     # Cross-attention models (IMRAM, SCAN).
     branch: str = "full"
     steps: int = 3
@@ -69,6 +73,16 @@ class ModelConfig:
         for key in ("lambda_softmax", "lambda_lse"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r} must be > 0")
+        if self.word_vectors not in WORD_VECTORS:
+            raise ConfigError(
+                f"model.word_vectors={self.word_vectors!r} is not one of "
+                + ", ".join(repr(w) for w in WORD_VECTORS)
+            )
+        if self.word_vectors and self.word_dim != 50:
+            raise ConfigError(
+                f"model.word_vectors={self.word_vectors} gives 50-d vectors; "
+                f"set model.word_dim=50 (got {self.word_dim})"
+            )
         if self.lambda_image is not None and not self.lambda_image > 0:
             raise ConfigError(f"model.lambda_image={self.lambda_image!r} must be > 0 or null")
 
@@ -129,16 +143,20 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Which splits to read and how the vocabulary is built."""
+    """Which splits to read and how the vocabulary is built: train and dev words seen
+    ``vocab_threshold`` times, plus GloVe's ``vocab_glove_top`` most frequent words."""
 
     train_split: str = "train"
     val_split: str = "dev"
     val_captions: int = 5000
     vocab_threshold: int = 4
+    vocab_glove_top: int = 0
 
     def validate(self) -> None:
         if self.val_captions < 1 or self.vocab_threshold < 1:
             raise ConfigError("data.val_captions and data.vocab_threshold must be >= 1")
+        if self.vocab_glove_top < 0:
+            raise ConfigError(f"data.vocab_glove_top={self.vocab_glove_top!r} must be >= 0")
 
 
 @dataclass

@@ -28,6 +28,8 @@ SPECIAL_WORDS = ["<pad>", "<start>", "<end>", "<unk>"]
         ),
         ("e-mail 3.5 km/h", ["e-mail", "3.5", "km/h"]),
         ("  spaced \t  out  ", ["spaced", "out"]),
+        ("A rook. It moves", ["a", "rook", ".", "it", "moves"]),
+        ("Dr. e.g. U.S. x. 3.5.", ["dr", ".", "e.g.", "u.s.", "x.", "3.5", "."]),
     ],
 )
 def test_tokenize_golden(text, tokens):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,18 @@ PAD_ID, START_ID, END_ID, UNK_ID = range(4)
 _BOM = "\ufeff"
 
 
+_SENTENCE_END = re.compile(r"^([^\W\d_][\w'-]+)\.$")
+
+
 def tokenize(text: str) -> list[str]:
-    """Lower-cased NLTK word tokens; ``preserve_line=True`` needs no punkt download."""
-    return word_tokenize(text.lower(), preserve_line=True)
+    """Lower-cased NLTK word tokens. ``preserve_line=True`` needs no punkt download, but then
+    only the text's final period is split off; a word ending a sentence inside the text
+    ("a rook. it moves") is split from its period too, as sentence splitting would."""
+    tokens = []
+    for token in word_tokenize(text.lower(), preserve_line=True):
+        end = _SENTENCE_END.match(token)
+        tokens.extend((end.group(1), ".") if end else (token,))
+    return tokens
 
 
 def read_lines(path: str | Path, what: str = "caption") -> list[str]:
@@ -66,30 +77,38 @@ def read_captions(path: str | Path) -> list[str]:
     return read_lines(path, "caption")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to a temporary file beside ``path``, then rename it over ``path``.
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path`` for the caller to write; on success it is
+    fsynced and renamed over ``path``, on any error removed.
 
-    Readers see the old file or the new one, never half of it; the new file gets the usual
-    umask-derived permissions rather than a private temp file's 0600.
+    Readers see the old file or the new one, never half of it. The temporary file is created
+    empty (exclusively, with the usual umask-derived permissions), so writers may open it
+    with any mode.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             break
         except FileExistsError:
             continue
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 class Vocabulary:

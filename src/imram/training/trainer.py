@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from imram.config import Config, save_config
-from imram.data import PrecompDataset, Vocabulary, collate
+from imram.data import PrecompDataset, Vocabulary, collate, read_captions
+from imram.data.glove import embedding_matrix, glove_vocabulary
 from imram.errors import ConfigError, DataError
 from imram.evaluation import evaluate_model
 from imram.models import build_model
@@ -66,7 +67,22 @@ def _vocabulary(config: Config, data: Path, run: Path, vocab_path: str | Path | 
     for f in files:
         if not f.is_file():
             raise DataError(f"{data}: split {f.name.removesuffix('_caps.txt')!r} has no {f.name}")
+    if config.data.vocab_glove_top:
+        captions = [c for f in files for c in read_captions(f)]
+        return glove_vocabulary(captions, config.data.vocab_threshold, config.data.vocab_glove_top)
     return Vocabulary.from_caption_files(files, config.data.vocab_threshold)
+
+
+def init_word_embeddings(model: torch.nn.Module, config: Config, vocab: Vocabulary) -> int:
+    """Load ``model.word_vectors`` into the word embeddings (before training; a resumed run has
+    them in its weights) and return how many vocabulary words the vectors covered."""
+    if not config.model.word_vectors:
+        return 0
+    matrix, found = embedding_matrix(vocab, config.model.word_dim, config.train.seed)
+    embed = model.text_encoder.embed.weight
+    with torch.no_grad():
+        embed.copy_(torch.from_numpy(matrix).to(embed.device))
+    return found
 
 
 class _Log:
@@ -127,7 +143,11 @@ def train(
 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
+    found = 0 if resume else init_word_embeddings(model, config, vocab)
+    if config.model.freeze_words:
+        model.text_encoder.embed.weight.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=config.train.lr)
     state = {"epoch": 0, "batch": 0, "iteration": 0, "best_rsum": -math.inf}
     if resume:
         weights = last_dir / "model.safetensors"
@@ -136,6 +156,10 @@ def train(
         state.update(meta["state"])
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     log = _Log(run / "metrics.jsonl")
+    if found:
+        log.write(
+            event="word_vectors", name=config.model.word_vectors, found=found, vocab=len(vocab)
+        )
     tc = config.train
     start_time = time.monotonic()
     last_metrics: dict[str, Any] = {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from imram.cli import main
 
 
@@ -23,3 +25,16 @@ def test_module_form_and_user_error_exit_code():
     assert result.returncode == 2
     assert "imram demo: error: unknown model 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_index_and_search_report_bad_input_in_one_line(tmp_path, capsys):
+    build = ["index", "build", "--checkpoint", str(tmp_path / "nothing"), "--data", str(tmp_path)]
+    assert main([*build, "--split", "test", "--out", str(tmp_path / "index")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"imram index: error: {tmp_path / 'nothing'}: checkpoint not found"
+    assert main(["search", "--index", str(tmp_path / "none"), "--text", "a dog"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no index here" in err
+    with pytest.raises(SystemExit) as usage:  # argparse: exactly one of --text and --image
+        main(["search", "--index", str(tmp_path / "none")])
+    assert usage.value.code == 2

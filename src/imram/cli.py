@@ -83,8 +83,48 @@ def _write_json(path: str | None, payload: dict) -> None:
         atomic_write_text(path, json.dumps(payload, indent=1))
 
 
+def _evaluate_rerank(args: argparse.Namespace) -> int:
+    """``evaluate --rerank``: the --checkpoint shortlists, the --rerank checkpoint re-ranks."""
+    from imram.data import PrecompDataset
+    from imram.metrics import format_table
+    from imram.retrieval.two_stage import rerank_split
+    from imram.training.checkpoint import load_checkpoint
+    from imram.training.trainer import default_device
+
+    device = args.device or default_device()
+    first = _load_model(args)
+    second = load_checkpoint(args.rerank)
+    results = rerank_split(
+        first.model.to(device),
+        PrecompDataset(args.data, args.split, first.vocab),
+        second.model.to(device),
+        PrecompDataset(args.data, args.split, second.vocab),
+        [None if k == 0 else k for k in args.shortlist],
+        args.protocol,
+        device,
+        progress=not args.no_progress,
+    )
+    for metrics in results:
+        title = (
+            f"{first.config.model.name} shortlist {metrics['shortlist']} -> "
+            f"{second.config.model.name} on {args.split} ({args.protocol})"
+        )
+        print(format_table(metrics, title=title))
+        print(
+            f"true match inside the shortlist: i2t {metrics['i2t_in_shortlist']:.1f}%, "
+            f"t2i {metrics['t2i_in_shortlist']:.1f}% (the rest count as misses); "
+            f"{metrics['pairs_scored']:,} pairs re-ranked in {metrics['rerank_seconds']:.1f} s"
+        )
+    payload = {"checkpoint": str(first.path), "rerank": str(second.path), "split": args.split}
+    _write_json(args.json, {**payload, "protocol": args.protocol, "results": results})
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
+
+    if args.rerank:
+        return _evaluate_rerank(args)
 
     from imram.data import PrecompDataset
     from imram.distributed import init_from_env, local_device, shutdown
@@ -231,6 +271,71 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_build(args: argparse.Namespace) -> int:
+    from imram.retrieval import build_index
+
+    info = build_index(
+        args.checkpoint,
+        args.data,
+        args.split,
+        args.out,
+        kind=args.kind,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    print(info.summary())
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from imram.retrieval import search_index
+    from imram.retrieval.two_stage import two_stage_search
+
+    if args.rerank:
+        hits = two_stage_search(
+            args.index,
+            args.rerank,
+            text=args.text,
+            image=args.image,
+            k=args.k,
+            shortlist=args.shortlist,
+            checkpoint=args.checkpoint,
+            nprobe=args.nprobe,
+            device=args.device,
+        )
+        _print_hits(args, hits)
+        return 0
+    hits = search_index(
+        args.index,
+        text=args.text,
+        image=args.image,
+        k=args.k,
+        checkpoint=args.checkpoint,
+        nprobe=args.nprobe,
+        device=args.device,
+    )
+    _print_hits(args, hits)
+    return 0
+
+
+def _print_hits(args: argparse.Namespace, hits: list) -> None:
+    """The ranked hits of ``search``: a table (rank, score, name) or, with --json, JSON."""
+    query = {"text": args.text} if args.text is not None else {"image": args.image}
+    if args.json:
+        payload = {"index": args.index, "query": query, "hits": [vars(hit) for hit in hits]}
+        print(json.dumps(payload, indent=1, ensure_ascii=False))
+        return
+    found = "images" if args.text is not None else "captions"
+    print(f"top {len(hits)} {found} for {next(iter(query.values()))!r}")
+    print(f"{'rank':>4}  {'score':>7}  name")
+    for hit in hits:
+        print(f"{hit.rank:>4}  {hit.score:>7.4f}  {hit.name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from imram.metrics import PROTOCOLS
 
@@ -289,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--against-fp32",
         action="store_true",
         help="with bf16/fp16: score again in fp32 and report the rsum difference",
+    )
+    evaluate.add_argument(
+        "--rerank", help="an IMRAM/SCAN checkpoint that re-ranks --checkpoint's shortlists"
+    )
+    evaluate.add_argument(
+        "--shortlist",
+        type=int,
+        nargs="+",
+        default=[100],
+        help="with --rerank: shortlist sizes, 0 = everything (default 100)",
     )
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -368,6 +483,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs each; the best counts")
     bench.set_defaults(func=_bench)
+
+    index = commands.add_parser("index", help="FAISS indexes of a split for fast search")
+    index_commands = index.add_subparsers(dest="action", required=True, metavar="ACTION")
+    build = index_commands.add_parser(
+        "build", help="embed a split's images and captions with an embedding model (vsepp)"
+    )
+    build.add_argument("--checkpoint", required=True, help="run dir or checkpoint dir")
+    build.add_argument("--data", required=True, help="precomp folder")
+    build.add_argument("--split", required=True, help="split to index, e.g. test")
+    build.add_argument("--out", required=True, help="index directory to write")
+    build.add_argument(
+        "--kind", choices=["flat", "ivf"], default="flat", help="flat: exact; ivf: approximate"
+    )
+    build.add_argument("--nlist", type=int, help="ivf: lists per gallery (default ~4*sqrt(n))")
+    build.add_argument("--nprobe", type=int, help="ivf: lists searched (default nlist/8)")
+    build.add_argument("--batch-size", type=int, default=128)
+    build.add_argument("--overwrite", action="store_true", help="replace an existing index")
+    build.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=_index_build)
+
+    search = commands.add_parser("search", help="query an index by text or by image file")
+    search.add_argument("--index", required=True, help="index directory (imram index build)")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="find images for this text")
+    query.add_argument("--image", help="find captions for this image file")
+    search.add_argument("--k", type=int, default=10, help="results (default 10)")
+    search.add_argument("--checkpoint", help="the index's checkpoint, if it has moved")
+    search.add_argument("--nprobe", type=int, help="ivf: lists searched (default: the index's)")
+    search.add_argument("--rerank", help="re-rank the shortlist with this IMRAM/SCAN checkpoint")
+    search.add_argument(
+        "--shortlist", type=int, default=100, help="with --rerank: items re-ranked (default 100)"
+    )
+    search.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    search.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    search.set_defaults(func=_search)
     return parser
 
 

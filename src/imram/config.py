@@ -15,6 +15,8 @@ AGGREGATORS = ("ours", "add", "mlp", "att", "gate")
 POOLINGS = ("avg", "lse")
 TEXT_POOLS = ("last", "mean")
 WORD_VECTORS = ("", "glove-6b-50d")
+MEMBER_BANKS = ("queue", "learned")
+MEMBER_POOLS = ("mean", "attention")
 
 
 @dataclass
@@ -47,6 +49,11 @@ class ModelConfig:
     lambda_lse: float = 6.0
     # Embedding models (VSE++).
     text_pool: str = "last"
+    # MEMBER: fragments per memory bank, how a bank is filled, how fragments are pooled; its
+    # attention takes λ from lambda_softmax (words) and image_lambda (regions).
+    member_bank_size: int = 2048
+    member_bank: str = "queue"
+    member_pool: str = "mean"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -60,12 +67,22 @@ class ModelConfig:
             "aggregator": AGGREGATORS,
             "pooling": POOLINGS,
             "text_pool": TEXT_POOLS,
+            "member_bank": MEMBER_BANKS,
+            "member_pool": MEMBER_POOLS,
         }
         for key, allowed in choices.items():
             value = getattr(self, key)
             if value not in allowed:
                 raise ConfigError(f"model.{key}={value!r} is not one of {', '.join(allowed)}")
-        positive = ("vocab_size", "word_dim", "img_dim", "embed_dim", "gru_layers", "steps")
+        positive = (
+            "vocab_size",
+            "word_dim",
+            "img_dim",
+            "embed_dim",
+            "gru_layers",
+            "steps",
+            "member_bank_size",
+        )
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -7,7 +7,7 @@ import torch
 
 from imram.config import ModelConfig
 from imram.errors import ConfigError
-from imram.models import IMRAM, SCAN, VSEPP, build_model, list_models, model_config
+from imram.models import IMRAM, MEMBER, SCAN, VSEPP, build_model, list_models, model_config
 
 SMALL = dict(vocab_size=30, word_dim=6, img_dim=10, embed_dim=8)
 
@@ -17,11 +17,18 @@ def test_registry_names_and_classes():
         "imram_full",
         "imram_image",
         "imram_text",
+        "member",
         "scan_i2t",
         "scan_t2i",
         "vsepp",
     ]
-    kinds = {"imram_full": IMRAM, "scan_t2i": SCAN, "scan_i2t": SCAN, "vsepp": VSEPP}
+    kinds = {
+        "imram_full": IMRAM,
+        "scan_t2i": SCAN,
+        "scan_i2t": SCAN,
+        "vsepp": VSEPP,
+        "member": MEMBER,
+    }
     for name, cls in kinds.items():
         assert type(build_model(name, **SMALL)) is cls
 

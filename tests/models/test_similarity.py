@@ -70,6 +70,7 @@ def test_imram_matches_reference(name, steps, norm, agg, dtype, grad):
         ("scan_i2t", {"pooling": "lse", "attn_norm": "relu_l2norm"}),
         ("vsepp", {}),
         ("vsepp", {"text_pool": "mean"}),
+        ("member", {}),
         ("imram_full", {"attn_sim": "cosine"}),
         ("imram_full", {"renorm": True, "aggregator": "gate"}),
         ("imram_full", {"lambda_image": 4.0, "pooling": "lse", "lambda_lse": 5.0}),
@@ -87,7 +88,7 @@ def test_other_models_and_options_match_reference(name, overrides, dtype):
 
 
 def test_every_registered_name_is_covered():
-    covered = {c[0] for c in CASES} | {"scan_t2i", "scan_i2t", "vsepp"}
+    covered = {c[0] for c in CASES} | {"scan_t2i", "scan_i2t", "vsepp", "member"}
     assert set(list_models()) == covered
 
 
@@ -102,7 +103,9 @@ def _grads(model, sims):
 
 @pytest.mark.parametrize(
     "name,overrides",
-    [(n, {}) for n in list_models()]
+    # MEMBER scores by VSE++'s dot product; in training mode its queue changes between the
+    # runs compared here, and tests/models/test_member.py checks its encoders.
+    [(n, {}) for n in list_models() if n != "member"]
     + [("imram_full", {"aggregator": a}) for a in AGGREGATORS if a != "ours"]
     + [("imram_text", {"attn_norm": "relu_l2norm", "pooling": "lse"})],
 )

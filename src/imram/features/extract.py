@@ -329,3 +329,27 @@ def extract_features(
             bar, f"{out}: wrote {written} of {len(paths)} images, skipped {len(result.skipped)}"
         )
     return result
+
+
+@torch.inference_mode()
+def image_features(
+    paths: Sequence[str | Path],
+    config: ExtractorConfig | None = None,
+    device: str | torch.device | None = None,
+    network: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Grid features ``[len(paths), h*w, 1280]`` of a few image files, as ``extract_features``
+    writes their rows, for queries; a file that cannot be used raises ``ImageError``.
+
+    ``network`` (from ``load_efficientnet_lite(config.backbone)``) saves reloading it per call.
+    """
+    config = config if config is not None else ExtractorConfig()
+    device = _resolve_device(device)
+    network = (network or load_efficientnet_lite(config.backbone)).to(device)
+    parts = []
+    for start in range(0, len(paths), config.batch_size):
+        x = torch.stack([load_image(p, config) for p in paths[start : start + config.batch_size]])
+        parts.append(network.forward_features(x.to(device)).flatten(2).transpose(1, 2).float())
+    if not parts:
+        raise DataError("image_features needs at least one image path")
+    return torch.cat(parts).cpu()

@@ -80,7 +80,7 @@ def reference_similarity(
     for i in range(n_img):
         row = []
         for j in range(n_cap):
-            if config.name == "vsepp":
+            if image_emb.dim() == 2:  # embedding models: one vector per item
                 row.append((image_emb[i] * caption_emb[j]).sum())
                 continue
             v = image_emb[i]

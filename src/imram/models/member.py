@@ -1,0 +1,190 @@
+"""MEMBER (Li et al., IEEE TIP 2021): memory banks enrich fragments, embeddings stay independent.
+
+This is a reconstruction from the paper's abstract alone; no public implementation exists. The
+abstract says: global memory banks enable fine-grained alignment and fusion in the embedding
+paradigm; image (text) features are enriched with relevant text (image) features stored in the
+text (image) memory bank; retrieval stays as efficient as an embedding model. Everything beyond
+that is our choice, and each choice is a config option so that the alternatives can be compared:
+
+- **Memorize** (``member_bank``, ``member_bank_size`` S): ``queue`` keeps per modality a FIFO of
+  the S most recent detached unit fragment vectors (regions; real words only) of training
+  batches, in buffers saved with the weights; ``learned`` keeps S trained slots per modality.
+- **Associate**: every region attends over the text bank and every word over the image bank with
+  the cross-modal attention unit (``attn_norm``, ``attn_sim``; λ is ``image_lambda`` for regions
+  and ``lambda_softmax`` for words, the same λ as IMRAM's two directions), and the attended bank
+  vector is fused into the fragment by a memory distillation unit per modality
+  (``aggregator``, ``renorm``).
+- **Match** (``member_pool``): the fused fragments are pooled by their ``mean`` or a learned
+  ``attention`` pooling, L2-normalised, and compared by dot product.
+
+An image's embedding depends only on that image and the bank, a caption's only on that caption
+and the bank, so a gallery is embedded once and searched like VSE++.
+
+The queue is written only in training mode. The fragments of a training step are staged, not
+written, and committed when the next training step of either modality begins: the captions of a
+batch then never attend over the regions of their own images (which no test gallery offers), and
+staging happens in ``encode_images`` / ``encode_captions``, so the trainer needs no change. The
+staged fragments are buffers too, so a resumed run continues exactly. A bank with no filled slot
+adds nothing: its fragments pass to pooling unchanged. Under DDP each rank keeps its own queue of
+its own batches (DDP must then be built with ``broadcast_buffers=False``, or it copies rank 0's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from imram.config import ModelConfig
+from imram.models.attention import attend, attention_from_scores, raw_scores
+from imram.models.encoders import build_encoders, l2norm, length_mask
+from imram.models.memory import MemoryDistillation
+
+MODALITIES = ("image", "text")
+
+
+class AttentionPool(nn.Module):
+    """Weights an item's real fragments by ``softmax(w · tanh(W x + b))`` and sums them, so the
+    model can learn which fragments carry the item rather than averaging all alike."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(dim, dim)
+        self.score = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, fragments: Tensor, mask: Tensor | None = None) -> Tensor:
+        """``[N, n, d]`` fragments (``mask [N, n]`` True on real ones) → ``[N, d]``."""
+        logits = self.score(torch.tanh(self.hidden(fragments))).squeeze(-1)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(logits, dim=-1)
+        return torch.einsum("nk,nkd->nd", weights.to(fragments.dtype), fragments)
+
+
+class MEMBER(nn.Module):
+    """Regions and words enriched from the other modality's memory bank, pooled to one vector."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, size = config.embed_dim, config.member_bank_size
+        self.image_encoder, self.text_encoder = build_encoders(config)
+        self.image_memory = MemoryDistillation(d, config.aggregator, config.renorm)
+        self.text_memory = MemoryDistillation(d, config.aggregator, config.renorm)
+        attention = config.member_pool == "attention"
+        self.region_pool = AttentionPool(d) if attention else None
+        self.word_pool = AttentionPool(d) if attention else None
+        self.uses_queue = config.member_bank == "queue"
+        for name in MODALITIES:
+            if self.uses_queue:
+                self.register_buffer(f"{name}_bank", torch.zeros(size, d))
+                self.register_buffer(f"{name}_bank_ptr", torch.zeros((), dtype=torch.long))
+                self.register_buffer(f"{name}_bank_count", torch.zeros((), dtype=torch.long))
+                self.register_buffer(f"{name}_staged", torch.zeros(size, d))
+                self.register_buffer(f"{name}_staged_count", torch.zeros((), dtype=torch.long))
+            else:
+                setattr(self, f"{name}_bank", nn.Parameter(l2norm(torch.randn(size, d))))
+
+    def bank(self, modality: str) -> Tensor:
+        """The slots of ``modality``'s bank that fragments attend over ``[m, d]``: the filled
+        part of a queue, or every learned slot (L2-normalised, like the fragments)."""
+        bank = getattr(self, f"{modality}_bank")
+        if not self.uses_queue:
+            return l2norm(bank)
+        return bank[: int(getattr(self, f"{modality}_bank_count"))]
+
+    def associate(
+        self,
+        fragments: Tensor,
+        bank: Tensor,
+        memory: MemoryDistillation,
+        lam: float,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """Each fragment ``[N, n, d]`` attends over ``bank [m, d]``; the gate fuses the two.
+
+        ``mask [N, n]`` marks real fragments (padding is left out of the attention's norm).
+        With an empty bank the fragments are returned unchanged.
+        """
+        if bank.shape[0] == 0:
+            return fragments
+        context = bank.to(fragments.dtype)[None]
+        scores = raw_scores(fragments, context, self.config.attn_sim)
+        weights = attention_from_scores(scores, lam, self.config.attn_norm, query_mask=mask)
+        return memory(fragments, attend(weights, context)[0])
+
+    def encode_images(self, features: Tensor) -> Tensor:
+        """``[N, R, img_dim]`` → ``[N, d]`` unit image vectors."""
+        regions = self.image_encoder(features)
+        self._begin_step("image")
+        fused = self.associate(
+            regions, self.bank("text"), self.image_memory, self.config.image_lambda
+        )
+        if self.region_pool is not None:
+            pooled = self.region_pool(fused)
+        else:
+            pooled = fused.mean(dim=1)
+        self._stage("image", regions.reshape(-1, regions.shape[-1]))
+        return l2norm(pooled)
+
+    def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """``[B, L]`` token ids → ``[B, d]`` unit caption vectors (padding plays no part)."""
+        words, _ = self.text_encoder(tokens, lengths)
+        mask = length_mask(lengths.to(words.device), words.shape[1])
+        self._begin_step("text")
+        fused = self.associate(
+            words, self.bank("image"), self.text_memory, self.config.lambda_softmax, mask
+        )
+        if self.word_pool is not None:
+            pooled = self.word_pool(fused, mask)
+        else:
+            summed = (fused * mask[..., None]).sum(dim=1)
+            pooled = summed / mask.sum(dim=1, keepdim=True).to(fused.dtype)
+        self._stage("text", words[mask])
+        return l2norm(pooled)
+
+    embed_images = encode_images
+    embed_captions = encode_captions
+
+    def similarity(
+        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
+    ) -> Tensor:
+        """``[n_images, n_captions]`` dot products (``lengths`` only keeps the common signature)."""
+        return image_emb @ caption_emb.T
+
+    def _writes(self) -> bool:
+        """Whether calls now stage and commit fragments: a queue bank in training mode."""
+        return self.uses_queue and self.training
+
+    def _begin_step(self, modality: str) -> None:
+        """A training call of a modality that has fragments staged starts a new step: commit
+        both modalities' staged fragments to their banks first."""
+        if self._writes() and int(getattr(self, f"{modality}_staged_count")) > 0:
+            for name in MODALITIES:
+                self._commit(name)
+
+    @torch.no_grad()
+    def _stage(self, modality: str, fragments: Tensor) -> None:
+        """Keep a training step's last S fragments ``[n, d]`` (detached) until the next step."""
+        if not self._writes():
+            return
+        staged = getattr(self, f"{modality}_staged")
+        keep = fragments[-staged.shape[0] :]
+        staged[: keep.shape[0]] = keep.detach().to(staged.dtype)
+        getattr(self, f"{modality}_staged_count").fill_(keep.shape[0])
+
+    @torch.no_grad()
+    def _commit(self, modality: str) -> None:
+        """Write the staged fragments into the FIFO ring at its pointer, oldest slots first."""
+        count = getattr(self, f"{modality}_staged_count")
+        n = int(count)
+        if n == 0:
+            return
+        bank = getattr(self, f"{modality}_bank")
+        ptr = getattr(self, f"{modality}_bank_ptr")
+        filled = getattr(self, f"{modality}_bank_count")
+        size = bank.shape[0]
+        slots = (ptr + torch.arange(n, device=bank.device)) % size
+        bank.index_copy_(0, slots, getattr(self, f"{modality}_staged")[:n])
+        ptr.copy_((ptr + n) % size)
+        filled.copy_((filled + n).clamp(max=size))
+        count.zero_()

@@ -1,0 +1,296 @@
+"""Two-stage retrieval: shortlist by embeddings (a dot product), re-rank the shortlist with IMRAM.
+
+An embedding model (VSE++, MEMBER) scores every pair at the cost of one matrix product; the
+cross-attention model then scores only each query's ``k`` best candidates. Candidates outside
+the shortlist are never seen by the second stage: they score −inf, so a query whose true match
+is outside its shortlist is a miss (its rank is the gallery size). With ``k`` = the gallery size
+every pair is re-scored and the ranking is exactly the one-stage ranking.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from imram.data import PrecompDataset, pad_captions
+from imram.errors import ConfigError, DataError
+from imram.features.extract import image_features
+from imram.metrics import METRIC_KEYS, N_FOLDS, PROTOCOLS, ranks_i2t, ranks_t2i, recall_metrics
+from imram.retrieval.index import GalleryIndex, Hit, load_index
+from imram.scoring import block_similarity
+
+if TYPE_CHECKING:
+    from imram.training.checkpoint import Checkpoint
+
+PairScorer = Callable[[int, np.ndarray], np.ndarray]
+
+
+def top_k(scores: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Indices of the ``k`` highest entries of each row, best first (``[rows, k]``), ``chunk``
+    rows at a time so temporaries stay ``chunk × columns``."""
+    k = min(k, scores.shape[1])
+    out = np.empty((scores.shape[0], k), dtype=np.int64)
+    for start in range(0, scores.shape[0], chunk):
+        block = -np.ascontiguousarray(scores[start : start + chunk])
+        part = np.argpartition(block, k - 1, axis=1)[:, :k] if k < block.shape[1] else None
+        if part is None:
+            part = np.broadcast_to(np.arange(block.shape[1]), block.shape)
+        order = np.argsort(np.take_along_axis(block, part, axis=1), axis=1, kind="stable")
+        out[start : start + chunk] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def shortlist_pairs(first: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The shortlists of a first-stage matrix ``[n_img, n_cap]``: the ``k`` best captions of
+    each image, the ``k`` best images of each caption, and per image the sorted captions whose
+    pair either shortlist needs (each pair scored once)."""
+    n_img, n_cap = first.shape
+    captions_of_image = top_k(first, k)
+    images_of_caption = top_k(first.T, k)
+    needed = np.zeros((n_img, n_cap), dtype=bool)
+    np.put_along_axis(needed, captions_of_image, True, axis=1)
+    needed[images_of_caption, np.arange(n_cap)[:, None]] = True
+    return captions_of_image, images_of_caption, [np.flatnonzero(row) for row in needed]
+
+
+@dataclass
+class TwoStageResult:
+    """Re-ranked matrices (−inf outside each query's shortlist) and what the stages cost."""
+
+    i2t: np.ndarray
+    t2i: np.ndarray
+    pairs_scored: int
+    rerank_seconds: float
+
+
+def two_stage_matrices(
+    first: np.ndarray, score_image: PairScorer, k: int, progress: bool = False
+) -> TwoStageResult:
+    """Re-rank ``first`` (``[n_img, n_cap]``) with ``score_image(i, captions) -> scores``:
+    row ``i`` of ``i2t`` holds second-stage scores for image ``i``'s ``k`` shortlisted
+    captions, column ``j`` of ``t2i`` for caption ``j``'s ``k`` shortlisted images."""
+    if k < 1:
+        raise DataError(f"shortlist k={k} must be >= 1")
+    captions_of_image, images_of_caption, needed = shortlist_pairs(first, k)
+    n_img, n_cap = first.shape
+    i2t = np.full((n_img, n_cap), -np.inf, dtype=np.float32)
+    t2i = np.full((n_img, n_cap), -np.inf, dtype=np.float32)
+    in_t2i = np.zeros((n_img, n_cap), dtype=bool)
+    in_t2i[images_of_caption, np.arange(n_cap)[:, None]] = True
+    start = time.perf_counter()
+    pairs = 0
+    for i in tqdm(range(n_img), unit="img", disable=not progress, desc="re-rank"):
+        captions = needed[i]
+        scores = np.asarray(score_image(i, captions), dtype=np.float32)
+        pairs += len(captions)
+        full = np.full(n_cap, -np.inf, dtype=np.float32)
+        full[captions] = scores
+        i2t[i, captions_of_image[i]] = full[captions_of_image[i]]
+        t2i[i, in_t2i[i]] = full[in_t2i[i]]
+    return TwoStageResult(i2t, t2i, pairs, time.perf_counter() - start)
+
+
+def model_pair_scorer(
+    model: nn.Module, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor, budget_mb: float
+) -> PairScorer:
+    """Score one image against a list of captions with ``model.similarity`` (in blocks)."""
+
+    @torch.no_grad()
+    def score(i: int, captions: np.ndarray) -> np.ndarray:
+        idx = torch.as_tensor(captions, device=caption_emb.device)
+        sims = block_similarity(
+            model, image_emb[i : i + 1], caption_emb[idx], lengths[idx], budget_mb=budget_mb
+        )
+        return sims[0].float().cpu().numpy()
+
+    return score
+
+
+def evaluate_two_stage(
+    first: np.ndarray,
+    score_image: PairScorer,
+    cap2img: np.ndarray,
+    k: int,
+    protocol: str = "1k",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Metrics of the re-ranked shortlists under a protocol (``5fold``: shortlists within each
+    fold, metrics averaged), plus ``shortlist`` = k, ``pairs_scored``, ``rerank_seconds`` and
+    ``i2t_in_shortlist`` / ``t2i_in_shortlist``: the share of queries whose true match the
+    shortlist holds (the ceiling of R@k, since the others are misses)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
+    cap2img = np.asarray(cap2img, dtype=np.int64)
+    n_img = first.shape[0]
+    folds = [(0, n_img)]
+    if protocol == "5fold":
+        if n_img % N_FOLDS:
+            raise DataError(f"protocol 5fold needs images divisible by {N_FOLDS}, got {n_img}")
+        size = n_img // N_FOLDS
+        folds = [(f * size, (f + 1) * size) for f in range(N_FOLDS)]
+    results, pairs, seconds = [], 0, 0.0
+    for lo, hi in folds:
+        cols = np.flatnonzero((cap2img >= lo) & (cap2img < hi))
+
+        def fold_scorer(i: int, captions: np.ndarray, lo: int = lo, cols: np.ndarray = cols):
+            return score_image(lo + i, cols[captions])
+
+        result = two_stage_matrices(first[lo:hi][:, cols], fold_scorer, k, progress)
+        local = cap2img[cols] - lo
+        r_i2t, r_t2i = ranks_i2t(result.i2t, local), ranks_t2i(result.t2i, local)
+        metrics = recall_metrics(r_i2t, r_t2i)
+        metrics["i2t_in_shortlist"] = 100.0 * float(
+            np.mean(np.isfinite(_best_true(result.i2t, local)))
+        )
+        metrics["t2i_in_shortlist"] = 100.0 * float(
+            np.mean(np.isfinite(result.t2i[local, np.arange(len(local))]))
+        )
+        results.append(metrics)
+        pairs += result.pairs_scored
+        seconds += result.rerank_seconds
+    keys = (*METRIC_KEYS, "i2t_in_shortlist", "t2i_in_shortlist")
+    out: dict[str, Any] = {key: float(np.mean([r[key] for r in results])) for key in keys}
+    if protocol == "5fold":
+        out["folds"] = results
+    out.update(shortlist=k, pairs_scored=pairs, rerank_seconds=seconds)
+    return out
+
+
+def _best_true(i2t: np.ndarray, cap2img: np.ndarray) -> np.ndarray:
+    """Each image's best score among its own captions (−inf when none is shortlisted)."""
+    best = np.full(i2t.shape[0], -np.inf, dtype=i2t.dtype)
+    np.maximum.at(best, cap2img, i2t[cap2img, np.arange(len(cap2img))])
+    return best
+
+
+def rerank_split(
+    first_model: nn.Module,
+    first_data: PrecompDataset,
+    second_model: nn.Module,
+    second_data: PrecompDataset,
+    ks: Sequence[int | None],
+    protocol: str = "1k",
+    device: str | torch.device = "cpu",
+    budget_mb: float = 1024.0,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Two-stage metrics of a split for each shortlist size in ``ks`` (None: every item).
+
+    ``first_data`` and ``second_data`` are the same split opened with each checkpoint's
+    vocabulary. Each result adds ``first_seconds`` (embedding and scoring every pair with the
+    first model) and ``encode_seconds`` (the second model's fragment encoding, done once).
+    """
+    from imram.evaluation import encode_split, evaluate_model
+
+    if (first_data.num_images, first_data.num_captions) != (
+        second_data.num_images,
+        second_data.num_captions,
+    ):
+        raise DataError("the two stages must read the same split")
+    start = time.perf_counter()
+    _, first, cap2img = evaluate_model(first_model, first_data, protocol, device=device)
+    first_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    second_model.eval()
+    images = np.unique(first_data.cap2img)
+    img, cap, lengths = encode_split(
+        second_model, second_data, images.tolist(), range(first_data.num_captions), device=device
+    )
+    encode_seconds = time.perf_counter() - start
+    scorer = model_pair_scorer(second_model, img, cap, lengths, budget_mb)
+    results = []
+    for k in ks:
+        size = k or max(first.shape)
+        metrics = evaluate_two_stage(first, scorer, cap2img, size, protocol, progress)
+        metrics.update(
+            shortlist=k or "all", first_seconds=first_seconds, encode_seconds=encode_seconds
+        )
+        results.append(metrics)
+    return results
+
+
+@torch.no_grad()
+def rerank_hits(
+    gallery: GalleryIndex,
+    hits: list[Hit],
+    reranker: Checkpoint,
+    *,
+    text: str | None = None,
+    image: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Hit]:
+    """Re-order one query's shortlist ``hits`` by the cross-attention model ``reranker``.
+
+    A text query is scored against the region features of the shortlisted gallery images
+    (read from the indexed precomp folder); an image file is turned into grid features as the
+    gallery's were and scored against the shortlisted captions.
+    """
+    if not hits:
+        return []
+    model = reranker.model.to(device).eval()
+    vocab = reranker.vocab
+    if vocab is None:
+        raise DataError(f"{reranker.path}: the re-ranking checkpoint has no vocabulary")
+    if text is not None:
+        data = gallery.meta["data"]
+        dataset = PrecompDataset(data["root"], data["split"], None)
+        features = dataset.images([hit.id for hit in hits]).to(device)
+        tokens, lengths = pad_captions([vocab.encode(text)])
+    else:
+        features = image_features([image], gallery.extractor_config(), device).to(device)
+        tokens, lengths = pad_captions([vocab.encode(hit.name) for hit in hits])
+    if features.shape[-1] != reranker.config.model.img_dim:
+        raise DataError(
+            f"{reranker.path}: the re-ranker takes {reranker.config.model.img_dim}-d regions, "
+            f"the gallery's are {features.shape[-1]}-d"
+        )
+    img = model.encode_images(features)
+    cap = model.encode_captions(tokens.to(device), lengths.to(device))
+    scores = model.similarity(img, cap, lengths.to(device)).float().cpu()
+    scores = scores[:, 0] if text is not None else scores[0]
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    return [
+        Hit(rank + 1, hits[i].id, float(scores[i]), hits[i].name) for rank, i in enumerate(order)
+    ]
+
+
+def two_stage_search(
+    index: str | Path,
+    rerank: str | Path,
+    *,
+    text: str | None = None,
+    image: str | Path | None = None,
+    k: int = 10,
+    shortlist: int = 100,
+    checkpoint: str | Path | None = None,
+    nprobe: int | None = None,
+    device: str | torch.device | None = None,
+) -> list[Hit]:
+    """One query: the ``shortlist`` nearest items by the index's embeddings, re-ranked by the
+    ``rerank`` checkpoint; the best ``k`` are returned. A true match outside the shortlist is
+    never seen."""
+    from imram.training.checkpoint import load_checkpoint
+    from imram.training.trainer import default_device
+
+    if shortlist < k:
+        raise ConfigError(f"--shortlist {shortlist} must be at least --k {k}")
+    device = torch.device(device) if device is not None else default_device()
+    gallery = load_index(index, checkpoint, device)
+    if text is not None:
+        hits = gallery.search_text(text, shortlist, nprobe)
+    elif image is not None:
+        hits = gallery.search_image(image, shortlist, nprobe)
+    else:
+        raise ConfigError("search needs exactly one query: a text or an image file")
+    reranked = rerank_hits(
+        gallery, hits, load_checkpoint(rerank), text=text, image=image, device=device
+    )
+    return reranked[:k]

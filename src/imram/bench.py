@@ -310,3 +310,48 @@ def bench_two_stage_synthetic(
     full = n_images * n_captions
     lines.append(f"one stage: {full:,} pairs with {name}")
     return "\n".join(lines)
+
+
+def bench_two_stage(
+    first: str,
+    second: str,
+    data: str,
+    split: str = "test",
+    ks: tuple[int | None, ...] = (10, 20, 50, 100, 200, None),
+    device: str = "cpu",
+) -> str:
+    """Accuracy and wall time of two-stage retrieval on a real split: the ``first`` checkpoint
+    (an embedding model) shortlists, the ``second`` (IMRAM) re-ranks; the last row is the
+    second model alone, scoring every pair."""
+    from imram.data import PrecompDataset
+    from imram.evaluation import evaluate_model
+    from imram.retrieval.two_stage import rerank_split
+    from imram.training.checkpoint import load_checkpoint
+
+    a, b = load_checkpoint(first), load_checkpoint(second)
+    a_data = PrecompDataset(data, split, a.vocab)
+    b_data = PrecompDataset(data, split, b.vocab)
+    start = time.perf_counter()
+    alone, _, _ = evaluate_model(b.model.to(device), b_data, device=device)
+    alone_seconds = time.perf_counter() - start
+    a_model, b_model = a.model.to(device), b.model.to(device)
+    results = rerank_split(a_model, a_data, b_model, b_data, ks, device=device)
+    n_img, n_cap = a_data.num_images, a_data.num_captions
+    lines = [
+        f"{split} of {data}: {n_img} images x {n_cap} captions; shortlist by "
+        f"{a.config.model.name} ({first}), re-rank by {b.config.model.name} ({second})",
+        f"{'shortlist':>9}{'rsum':>8}{'i2t in':>8}{'t2i in':>8}{'pairs':>10}{'seconds':>9}",
+    ]
+    for r in results:
+        seconds = r["first_seconds"] + r["encode_seconds"] + r["rerank_seconds"]
+        lines.append(
+            f"{r['shortlist']!s:>9}{r['rsum']:>8.1f}{r['i2t_in_shortlist']:>7.1f}%"
+            f"{r['t2i_in_shortlist']:>7.1f}%{r['pairs_scored']:>10,}{seconds:>9.2f}"
+        )
+    lines.append(
+        f"{'one stage':>9}{alone['rsum']:>8.1f}{'':>8}{'':>8}{n_img * n_cap:>10,}"
+        f"{alone_seconds:>9.2f}"
+    )
+    first_only, _, _ = evaluate_model(a.model.to(device), a_data, device=device)
+    lines.append(f"first stage alone: rsum {first_only['rsum']:.1f}")
+    return "\n".join(lines)

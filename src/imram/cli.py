@@ -193,8 +193,21 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from imram.bench import bench_scoring, bench_topk_memory, format_scoring
+    from imram.bench import (
+        bench_scoring,
+        bench_topk_memory,
+        bench_two_stage,
+        bench_two_stage_synthetic,
+        format_scoring,
+    )
 
+    if args.what == "two-stage":
+        if not (args.first and args.second and args.data):
+            raise ConfigError("bench two-stage needs --first CKPT --second CKPT --data DIR")
+        ks = tuple(None if k == 0 else k for k in args.shortlist)
+        print(bench_two_stage(args.first, args.second, args.data, args.split, ks))
+        print(bench_two_stage_synthetic(ks=tuple(k for k in ks if k), threads=args.threads))
+        return 0
     if args.what == "memory":
         for name in args.models or ["imram_full"]:
             for steps in args.steps or [3]:
@@ -467,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure the engine against a baseline")
     bench.add_argument(
-        "what", choices=["scoring", "memory"], help="scoring: pairs/s; memory: top-k streaming"
+        "what",
+        choices=["scoring", "memory", "two-stage"],
+        help="scoring: pairs/s; memory: top-k streaming; two-stage: shortlist + re-rank",
     )
     bench.add_argument(
         "--models", nargs="+", help="default: all three IMRAM variants (memory: imram_full)"
@@ -482,6 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs each; the best counts")
+    bench.add_argument("--first", help="two-stage: the shortlisting (embedding) checkpoint")
+    bench.add_argument("--second", help="two-stage: the re-ranking (IMRAM) checkpoint")
+    bench.add_argument("--data", help="two-stage: precomp folder")
+    bench.add_argument("--split", default="test", help="two-stage: split (default test)")
+    bench.add_argument(
+        "--shortlist",
+        type=int,
+        nargs="+",
+        default=[10, 20, 50, 100, 200, 0],
+        help="two-stage: shortlist sizes, 0 = everything",
+    )
     bench.set_defaults(func=_bench)
 
     index = commands.add_parser("index", help="FAISS indexes of a split for fast search")

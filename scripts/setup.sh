@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create ./.venv and install imram into it with the CPU build of torch pinned.
+# Create ./.venv and install imram into it with the CPU build of torch pinned
+# (usage: scripts/setup.sh [--browser]).
 # Idempotent: a stamp of the install inputs skips the work when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +13,15 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
   echo "$want" > "$stamp"
+fi
+# --browser: also Debian's Chromium, which the browser test (tests/serving/test_browser.py) drives
+# through Playwright (Playwright downloads no browser here). Installed when missing and root;
+# otherwise that test skips.
+if [ "${1:-}" = "--browser" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+        >/dev/null; } || echo "setup: could not install chromium; the browser test will skip" >&2
+  else
+    echo "setup: no chromium (apt-get install chromium as root); the browser test will skip" >&2
+  fi
 fi

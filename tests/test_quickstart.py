@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -27,6 +28,9 @@ def test_quickstart_writes_a_report_of_three_models_beside_chance(tmp_path):
     assert test.num_regions == 4 and test.feature_dim == 1280  # 64 px -> a 2x2 grid
     meta = json.loads((out / "tuxpaint_precomp" / "meta.json").read_text())
     assert meta["source"]["format"] == "tuxpaint"
+    files = meta["splits"]["test"]["files"]  # the pictures behind the rows, for serving
+    assert len(files) == test.num_images and all(Path(f).is_file() for f in files)
+    assert files[0].endswith(".png") and meta["splits"]["test"]["images"][0] in files[0]
     assert any("rasterise" in d["reason"] for d in meta["dropped"])  # an SVG cairosvg refuses
 
     result = run_quickstart(out, overrides=SMALL, progress=False)

@@ -38,11 +38,11 @@ def _release_cosine(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=EPS)
 
 
-@torch.no_grad()
 def release_style_similarity(
     model, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor
 ) -> Tensor:
-    """The published evaluation's loop: captions one at a time against the whole image shard."""
+    """The published code's loop: captions one at a time against the whole image shard (its
+    evaluation runs it without autograd, its training step with)."""
     cfg = model.config
     n_img = image_emb.shape[0]
     # The release updates the query after every step, even when K = 1 leaves it unused.
@@ -354,4 +354,115 @@ def bench_two_stage(
     )
     first_only, _, _ = evaluate_model(a.model.to(device), a_data, device=device)
     lines.append(f"first stage alone: rsum {first_only['rsum']:.1f}")
+    return "\n".join(lines)
+
+
+@dataclass
+class TrainingResult:
+    name: str
+    precision: str
+    engine_steps_s: float
+    baseline_steps_s: float
+    engine_peak_mb: float
+    baseline_peak_mb: float
+
+    @property
+    def ratio(self) -> float:
+        return self.engine_steps_s / self.baseline_steps_s
+
+
+def _training_step(args: tuple) -> tuple[float, float]:
+    """In a fresh process: (training steps/s over ``steps`` timed steps after one warm-up,
+    growth of peak RSS in MB) of the engine or of the release-style loop."""
+    from imram.precision import autocast
+    from imram.scoring import block_similarity
+    from imram.training.loss import triplet_loss
+
+    which, name, steps_k, batch, regions, dim, precision, steps, threads = args
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(name, steps=steps_k, embed_dim=dim).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
+    lengths = torch.randint(8, 21, (batch,))
+    tokens = torch.randint(4, 1000, (batch, 20))
+    features = torch.randn(batch, regions, model.config.img_dim)
+
+    def step() -> None:
+        with autocast(precision, "cpu"):
+            img = model.encode_images(features)
+            cap = model.encode_captions(tokens, lengths)
+            if which == "engine":
+                sims = block_similarity(model, img, cap, lengths)
+            else:
+                sims = release_style_similarity(model, img, cap, lengths)
+        loss = triplet_loss(sims.float(), 0.2, True)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+
+    before = _peak_mb()
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps / (time.perf_counter() - start), _peak_mb() - before
+
+
+def bench_training(
+    names: tuple[str, ...] = ("imram_full", "imram_text", "imram_image"),
+    precisions: tuple[str, ...] = ("fp32", "bf16"),
+    steps_k: int = 3,
+    batch: int = 32,
+    regions: int = 36,
+    dim: int = 1024,
+    steps: int = 3,
+    repeats: int = 2,
+    threads: int | None = None,
+) -> list[TrainingResult]:
+    """Training steps/s (forward, backward, Adam) of the engine and of a loop mirroring the
+    release's training step (captions one at a time against the batch's images, full 2d→d
+    memory linears per pair, an update after every step), each in fresh processes that
+    alternate ``repeats`` times; the best run of each counts."""
+    threads = threads or torch.get_num_threads()
+    ctx = mp.get_context("spawn")
+    results = []
+    for name in names:
+        for precision in precisions:
+            runs: dict[str, list[tuple[float, float]]] = {"engine": [], "baseline": []}
+            for _ in range(repeats):
+                for which in runs:
+                    job = (which, name, steps_k, batch, regions, dim, precision, steps, threads)
+                    with ctx.Pool(1) as pool:
+                        runs[which].append(pool.apply(_training_step, (job,)))
+            best = {w: max(r[0] for r in runs[w]) for w in runs}
+            peak = {w: max(r[1] for r in runs[w]) for w in runs}
+            results.append(
+                TrainingResult(
+                    name,
+                    precision,
+                    best["engine"],
+                    best["baseline"],
+                    peak["engine"],
+                    peak["baseline"],
+                )
+            )
+    return results
+
+
+def format_training(
+    results: list[TrainingResult], batch: int, steps_k: int, regions: int = 36, dim: int = 1024
+) -> str:
+    """The training benchmark's table."""
+    lines = [
+        f"training step, batch {batch}, K={steps_k}, {regions} regions, d={dim}, lengths 8-20 "
+        "(forward + backward + Adam)",
+        f"{'model':<12}{'precision':>10}{'engine st/s':>13}{'baseline st/s':>15}{'ratio':>8}"
+        f"{'engine MB':>11}{'base MB':>9}",
+    ]
+    for r in results:
+        lines.append(
+            f"{r.name:<12}{r.precision:>10}{r.engine_steps_s:>13.3f}{r.baseline_steps_s:>15.3f}"
+            f"{r.ratio:>7.1f}x{r.engine_peak_mb:>11.0f}{r.baseline_peak_mb:>9.0f}"
+        )
     return "\n".join(lines)

@@ -196,10 +196,19 @@ def _bench(args: argparse.Namespace) -> int:
     from imram.bench import (
         bench_scoring,
         bench_topk_memory,
+        bench_training,
         bench_two_stage,
         bench_two_stage_synthetic,
         format_scoring,
+        format_training,
     )
+
+    if args.what == "training":
+        names = tuple(args.models or ["imram_full", "imram_text", "imram_image"])
+        steps_k = (args.steps or [3])[0]
+        results = bench_training(names, steps_k=steps_k, repeats=args.repeats, threads=args.threads)
+        print(format_training(results, 32, steps_k))
+        return 0
 
     if args.what == "two-stage":
         if not (args.first and args.second and args.data):
@@ -332,6 +341,26 @@ def _search(args: argparse.Namespace) -> int:
         device=args.device,
     )
     _print_hits(args, hits)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from imram.serving import serve
+
+    def announce(url: str) -> None:
+        print(f"serving {args.index} on {url} (Ctrl-C to stop)", flush=True)
+
+    serve(
+        args.index,
+        checkpoint=args.checkpoint,
+        rerank=args.rerank,
+        shortlist=args.shortlist,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        announce=announce,
+        log_level=args.log_level,
+    )
     return 0
 
 
@@ -481,8 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure the engine against a baseline")
     bench.add_argument(
         "what",
-        choices=["scoring", "memory", "two-stage"],
-        help="scoring: pairs/s; memory: top-k streaming; two-stage: shortlist + re-rank",
+        choices=["scoring", "memory", "two-stage", "training"],
+        help="scoring: pairs/s; memory: top-k streaming; two-stage: shortlist + re-rank; "
+        "training: steps/s",
     )
     bench.add_argument(
         "--models", nargs="+", help="default: all three IMRAM variants (memory: imram_full)"
@@ -545,6 +575,28 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     search.set_defaults(func=_search)
+
+    serve = commands.add_parser("serve", help="the search service and web page over HTTP")
+    serve.add_argument("--index", required=True, help="index directory (imram index build)")
+    serve.add_argument("--checkpoint", help="the index's checkpoint, if it has moved")
+    serve.add_argument(
+        "--rerank", help="an IMRAM/SCAN checkpoint: re-ranks shortlists, enables /explain"
+    )
+    serve.add_argument(
+        "--shortlist", type=int, default=100, help="with --rerank: items re-ranked (default 100)"
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000, 0: any free)")
+    serve.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    serve.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        default="info",
+        help="server log level (default info: one line per request)",
+    )
+    serve.set_defaults(func=_serve)
     return parser
 
 

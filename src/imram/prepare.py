@@ -345,6 +345,7 @@ def _write_split(
         "captions_per_image": {str(n): int(c) for n, c in enumerate(per_image) if c},
         "features": features,
         "images": names,
+        "files": [str(Path(paths[i]).resolve()) for i in kept],
     }
 
 

@@ -35,7 +35,7 @@ from imram.features.extract import ExtractorConfig, extract_features, extractor_
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each split lists the picture file behind every row ("files")
 META_NAME = "meta.json"
 FEATURES_NAME = "{split}_ims.npy"
 CAPTION_RULE = (

@@ -54,6 +54,14 @@ def _curve(run: Path) -> list[dict[str, Any]]:
     ]
 
 
+def _folder_version(data: Path) -> int | None:
+    """The ``format_version`` of a prepared folder's ``meta.json``, or None without one."""
+    try:
+        return json.loads((data / "meta.json").read_text(encoding="utf-8")).get("format_version")
+    except (OSError, ValueError):
+        return None
+
+
 def _row(label: str, metrics: dict[str, Any], extra: str = "") -> str:
     cells = " | ".join(
         f"{metrics[k]:.1f}"
@@ -74,7 +82,7 @@ def run_quickstart(
     checkpoints on the test split and write ``out/report.md`` and ``out/report.json``.
     ``overrides`` are ``--set`` items applied to every preset."""
     from imram.evaluation import evaluate_model
-    from imram.prepare import prepare_tuxpaint
+    from imram.prepare import FORMAT_VERSION, prepare_tuxpaint
     from imram.training.checkpoint import load_checkpoint
     from imram.training.trainer import default_device, train
 
@@ -82,8 +90,8 @@ def run_quickstart(
     out = Path(out)
     data = out / "tuxpaint_precomp"
     tick = time.monotonic()
-    if not (data / "meta.json").is_file():
-        report = prepare_tuxpaint(data, progress=progress)
+    if _folder_version(data) != FORMAT_VERSION:  # missing, or made by an older imram
+        report = prepare_tuxpaint(data, progress=progress, overwrite=True)
         print(report.summary())
     prepare_seconds = time.monotonic() - tick
     device = device or str(default_device())

@@ -90,8 +90,8 @@ def evaluate_model(
     against_fp32: bool = False,
     progress: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """Score the split (or its first ``max_captions`` captions and their images), encoding and
-    scoring under ``precision`` (``fp32``, ``bf16`` or ``fp16`` autocast).
+    """Score the split (or its first ``max_captions`` captions and their images), scoring under
+    ``precision`` (``fp32``, ``bf16`` or ``fp16`` autocast; fragments are encoded in fp32).
 
     ``against_fp32`` (with a low precision) scores the split a second time in fp32 and adds
     ``fp32_rsum``, ``rsum_vs_fp32`` (this rsum minus fp32's) and ``max_score_diff_vs_fp32``
@@ -106,10 +106,12 @@ def evaluate_model(
     )
     caption_indices = np.arange(n_cap)
     image_indices, cap2img = np.unique(dataset.cap2img[:n_cap], return_inverse=True)
+    # Fragments are encoded in fp32 (a small share of the cost) and only the pair scoring runs
+    # under autocast: fragments rounded to bf16 flip rankings that bf16 scoring alone does not.
+    img, cap, lengths = encode_split(
+        model, dataset, image_indices.tolist(), caption_indices.tolist(), batch_size, device
+    )
     with autocast(precision, device):
-        img, cap, lengths = encode_split(
-            model, dataset, image_indices.tolist(), caption_indices.tolist(), batch_size, device
-        )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             sims = distributed_similarity(model, img, cap, lengths, budget_mb).float().cpu().numpy()
         else:

@@ -171,3 +171,26 @@ def test_bf16_autocast_trains_on_cpu(toy_data, tmp_path):
         _config("train.epochs=1", "precision=bf16"), toy_data, tmp_path / "bf16", progress=False
     )
     assert result.best_rsum > 1.5 * chance_metrics(25, 125)["rsum"]
+
+
+def test_low_precision_scores_fragments_encoded_in_fp32(toy_data, tmp_path):
+    """Only the pair scoring runs under autocast: fragments rounded to bf16 flip rankings."""
+    from imram.data import PrecompDataset
+    from imram.evaluation import encode_split, evaluate_model
+    from imram.precision import autocast
+    from imram.scoring import score_gallery
+    from imram.training.checkpoint import load_checkpoint
+
+    train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run")
+    dataset = PrecompDataset(toy_data, "test", checkpoint.vocab)
+    _, sims, _ = evaluate_model(checkpoint.model, dataset, precision="bf16")
+    with torch.no_grad():
+        img, cap, lengths = encode_split(
+            checkpoint.model, dataset, range(dataset.num_images), range(dataset.num_captions)
+        )
+        assert img.dtype == cap.dtype == torch.float32
+        expected = np.empty_like(sims)
+        with autocast("bf16", "cpu"):
+            score_gallery(checkpoint.model, img, cap, lengths, out=expected)
+    assert np.array_equal(sims, expected)

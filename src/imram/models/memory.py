@@ -133,7 +133,7 @@ class MemoryDistillation(nn.Module):
         elif self.aggregator == "mlp":
             out = x + (pre.tanh_() if inplace else torch.tanh(pre))
         elif self.aggregator == "ours":
-            g, o = pre[..., : self.dim], pre[..., self.dim :]
+            g, o = pre.split(self.dim, dim=-1)  # one concatenation backward, not two zero-fills
             if inplace:
                 out = o.tanh_().lerp_(x, g.sigmoid_())
             else:

@@ -26,6 +26,12 @@ def length_mask(lengths: Tensor, max_len: int) -> Tensor:
     return positions[None, :] < lengths[:, None]
 
 
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x [B, L, d]`` over the positions where ``mask [B, L]`` is True → ``[B, d]``."""
+    summed = (x * mask[..., None]).sum(dim=1)
+    return summed / mask.sum(dim=1, keepdim=True).to(x.dtype)
+
+
 class ImageEncoder(nn.Module):
     """One linear map per region, then L2 per region; raw features are not normalised first."""
 

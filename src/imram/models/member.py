@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from imram.config import ModelConfig
 from imram.models.attention import attend, attention_from_scores, raw_scores
-from imram.models.encoders import build_encoders, l2norm, length_mask
+from imram.models.encoders import build_encoders, l2norm, length_mask, masked_mean
 from imram.models.memory import MemoryDistillation
 
 MODALITIES = ("image", "text")
@@ -137,8 +137,7 @@ class MEMBER(nn.Module):
         if self.word_pool is not None:
             pooled = self.word_pool(fused, mask)
         else:
-            summed = (fused * mask[..., None]).sum(dim=1)
-            pooled = summed / mask.sum(dim=1, keepdim=True).to(fused.dtype)
+            pooled = masked_mean(fused, mask)
         self._stage("text", words[mask])
         return l2norm(pooled)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from imram.config import ModelConfig
-from imram.models.encoders import build_encoders, l2norm, length_mask
+from imram.models.encoders import build_encoders, l2norm, length_mask, masked_mean
 
 
 class VSEPP(nn.Module):
@@ -25,9 +25,7 @@ class VSEPP(nn.Module):
         words, sentence = self.text_encoder(tokens, lengths)
         if self.config.text_pool == "last":
             return l2norm(sentence)
-        mask = length_mask(lengths.to(words.device), words.shape[1])
-        summed = (words * mask[..., None]).sum(dim=1)
-        return l2norm(summed / mask.sum(dim=1, keepdim=True).to(words.dtype))
+        return l2norm(masked_mean(words, length_mask(lengths.to(words.device), words.shape[1])))
 
     embed_images = encode_images
     embed_captions = encode_captions

@@ -317,22 +317,7 @@ def _search(args: argparse.Namespace) -> int:
     from imram.retrieval import search_index
     from imram.retrieval.two_stage import two_stage_search
 
-    if args.rerank:
-        hits = two_stage_search(
-            args.index,
-            args.rerank,
-            text=args.text,
-            image=args.image,
-            k=args.k,
-            shortlist=args.shortlist,
-            checkpoint=args.checkpoint,
-            nprobe=args.nprobe,
-            device=args.device,
-        )
-        _print_hits(args, hits)
-        return 0
-    hits = search_index(
-        args.index,
+    query = dict(
         text=args.text,
         image=args.image,
         k=args.k,
@@ -340,6 +325,10 @@ def _search(args: argparse.Namespace) -> int:
         nprobe=args.nprobe,
         device=args.device,
     )
+    if args.rerank:
+        hits = two_stage_search(args.index, args.rerank, shortlist=args.shortlist, **query)
+    else:
+        hits = search_index(args.index, **query)
     _print_hits(args, hits)
     return 0
 

@@ -230,6 +230,11 @@ def _batches(paths: Sequence[str | Path], config: ExtractorConfig) -> Iterator[l
         yield batch
 
 
+def _regions(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last feature map's cells as regions, row-major: ``[B, h*w, channels]``."""
+    return network.forward_features(x).flatten(2).transpose(1, 2)
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -310,7 +315,7 @@ def extract_features(
                         images.append(item)
                 if images:
                     x = torch.stack(images).to(device, non_blocking=True)
-                    grid_features = model.forward_features(x).flatten(2).transpose(1, 2)
+                    grid_features = _regions(model, x)
                     rows[written : written + len(images)] = grid_features.float().cpu().numpy()
                     written += len(images)
                 bar.update(len(batch))
@@ -349,7 +354,7 @@ def image_features(
     parts = []
     for start in range(0, len(paths), config.batch_size):
         x = torch.stack([load_image(p, config) for p in paths[start : start + config.batch_size]])
-        parts.append(network.forward_features(x.to(device)).flatten(2).transpose(1, 2).float())
+        parts.append(_regions(network, x.to(device)).float())
     if not parts:
         raise DataError("image_features needs at least one image path")
     return torch.cat(parts).cpu()

@@ -785,6 +785,21 @@ class GalleryIndex:
         j = self._item(j, "captions")
         return self.search_vector(self._indexes["captions"].reconstruct(j), "images", k, nprobe)
 
+    def search(
+        self,
+        *,
+        text: str | None = None,
+        image: str | Path | None = None,
+        k: int = 10,
+        nprobe: int | None = None,
+    ) -> list[Hit]:
+        """One query: ``text`` → images, or an ``image`` file → captions."""
+        if (text is None) == (image is None):
+            raise ConfigError("search needs exactly one query: a text or an image file")
+        if text is not None:
+            return self.search_text(text, k, nprobe)
+        return self.search_image(image, k, nprobe)
+
     def _item(self, item: int, gallery: str) -> int:
         n = self._indexes[gallery].ntotal
         if isinstance(item, bool) or not isinstance(item, int | np.integer) or not 0 <= item < n:
@@ -803,10 +818,6 @@ def search_index(
     device: str | torch.device | None = None,
 ) -> list[Hit]:
     """Load ``index`` and answer one query: ``text`` → images, or an ``image`` file → captions."""
-    if (text is None) == (image is None):
+    if (text is None) == (image is None):  # before loading anything
         raise ConfigError("search needs exactly one query: a text or an image file")
-    gallery = load_index(index, checkpoint, device)
-    if text is not None:
-        return gallery.search_text(text, k, nprobe)
-    assert image is not None
-    return gallery.search_image(image, k, nprobe)
+    return load_index(index, checkpoint, device).search(text=text, image=image, k=k, nprobe=nprobe)

@@ -48,17 +48,16 @@ def top_k(scores: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
     return out
 
 
-def shortlist_pairs(first: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """The shortlists of a first-stage matrix ``[n_img, n_cap]``: the ``k`` best captions of
-    each image, the ``k`` best images of each caption, and per image the sorted captions whose
-    pair either shortlist needs (each pair scored once)."""
+def shortlist_masks(first: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The shortlists of a first-stage matrix ``[n_img, n_cap]`` as boolean masks of the same
+    shape: each image's ``k`` best captions (i2t) and each caption's ``k`` best images (t2i).
+    Their union is the set of pairs the second stage scores, each once."""
     n_img, n_cap = first.shape
-    captions_of_image = top_k(first, k)
-    images_of_caption = top_k(first.T, k)
-    needed = np.zeros((n_img, n_cap), dtype=bool)
-    np.put_along_axis(needed, captions_of_image, True, axis=1)
-    needed[images_of_caption, np.arange(n_cap)[:, None]] = True
-    return captions_of_image, images_of_caption, [np.flatnonzero(row) for row in needed]
+    in_i2t = np.zeros((n_img, n_cap), dtype=bool)
+    np.put_along_axis(in_i2t, top_k(first, k), True, axis=1)
+    in_t2i = np.zeros((n_img, n_cap), dtype=bool)
+    in_t2i[top_k(first.T, k), np.arange(n_cap)[:, None]] = True
+    return in_i2t, in_t2i
 
 
 @dataclass
@@ -79,22 +78,20 @@ def two_stage_matrices(
     captions, column ``j`` of ``t2i`` for caption ``j``'s ``k`` shortlisted images."""
     if k < 1:
         raise DataError(f"shortlist k={k} must be >= 1")
-    captions_of_image, images_of_caption, needed = shortlist_pairs(first, k)
+    in_i2t, in_t2i = shortlist_masks(first, k)
     n_img, n_cap = first.shape
     i2t = np.full((n_img, n_cap), -np.inf, dtype=np.float32)
     t2i = np.full((n_img, n_cap), -np.inf, dtype=np.float32)
-    in_t2i = np.zeros((n_img, n_cap), dtype=bool)
-    in_t2i[images_of_caption, np.arange(n_cap)[:, None]] = True
     start = time.perf_counter()
     pairs = 0
     for i in tqdm(range(n_img), unit="img", disable=not progress, desc="re-rank"):
-        captions = needed[i]
-        scores = np.asarray(score_image(i, captions), dtype=np.float32)
+        needed = in_i2t[i] | in_t2i[i]
+        captions = np.flatnonzero(needed)
+        row = np.full(n_cap, -np.inf, dtype=np.float32)
+        row[captions] = np.asarray(score_image(i, captions), dtype=np.float32)
         pairs += len(captions)
-        full = np.full(n_cap, -np.inf, dtype=np.float32)
-        full[captions] = scores
-        i2t[i, captions_of_image[i]] = full[captions_of_image[i]]
-        t2i[i, in_t2i[i]] = full[in_t2i[i]]
+        i2t[i, in_i2t[i]] = row[in_i2t[i]]
+        t2i[i, in_t2i[i]] = row[in_t2i[i]]
     return TwoStageResult(i2t, t2i, pairs, time.perf_counter() - start)
 
 
@@ -218,6 +215,41 @@ def rerank_split(
 
 
 @torch.no_grad()
+def rerank_by_features(
+    reranker: Checkpoint,
+    hits: list[Hit],
+    features: Tensor,
+    texts: list[str],
+    text_query: bool,
+    device: str | torch.device = "cpu",
+) -> list[Hit]:
+    """Re-order ``hits`` by the cross-attention model of ``reranker`` (already on ``device``):
+    one text (``texts``) against the hits' region ``features``, or, with ``text_query``
+    False, one image's ``features`` against the hits' captions (``texts``)."""
+    if not hits:
+        return []
+    vocab = reranker.vocab
+    if vocab is None:
+        raise DataError(f"{reranker.path}: the re-ranking checkpoint has no vocabulary")
+    if features.shape[-1] != reranker.config.model.img_dim:
+        raise DataError(
+            f"{reranker.path}: the re-ranker takes {reranker.config.model.img_dim}-d regions, "
+            f"the gallery's are {features.shape[-1]}-d"
+        )
+    model = reranker.model
+    tokens, lengths = pad_captions([vocab.encode(text) for text in texts])
+    lengths = lengths.to(device)
+    img = model.encode_images(features.to(device))
+    cap = model.encode_captions(tokens.to(device), lengths)
+    scores = model.similarity(img, cap, lengths).float().cpu()
+    scores = scores[:, 0] if text_query else scores[0]
+    order = torch.argsort(scores, descending=True, stable=True).tolist()
+    return [
+        Hit(rank, hits[i].id, float(scores[i]), hits[i].name)
+        for rank, i in enumerate(order, start=1)
+    ]
+
+
 def rerank_hits(
     gallery: GalleryIndex,
     hits: list[Hit],
@@ -235,31 +267,14 @@ def rerank_hits(
     """
     if not hits:
         return []
-    model = reranker.model.to(device).eval()
-    vocab = reranker.vocab
-    if vocab is None:
-        raise DataError(f"{reranker.path}: the re-ranking checkpoint has no vocabulary")
+    reranker.model.to(device).eval()
     if text is not None:
         data = gallery.meta["data"]
         dataset = PrecompDataset(data["root"], data["split"], None)
-        features = dataset.images([hit.id for hit in hits]).to(device)
-        tokens, lengths = pad_captions([vocab.encode(text)])
-    else:
-        features = image_features([image], gallery.extractor_config(), device).to(device)
-        tokens, lengths = pad_captions([vocab.encode(hit.name) for hit in hits])
-    if features.shape[-1] != reranker.config.model.img_dim:
-        raise DataError(
-            f"{reranker.path}: the re-ranker takes {reranker.config.model.img_dim}-d regions, "
-            f"the gallery's are {features.shape[-1]}-d"
-        )
-    img = model.encode_images(features)
-    cap = model.encode_captions(tokens.to(device), lengths.to(device))
-    scores = model.similarity(img, cap, lengths.to(device)).float().cpu()
-    scores = scores[:, 0] if text is not None else scores[0]
-    order = torch.argsort(scores, descending=True, stable=True).tolist()
-    return [
-        Hit(rank + 1, hits[i].id, float(scores[i]), hits[i].name) for rank, i in enumerate(order)
-    ]
+        features = dataset.images([hit.id for hit in hits])
+        return rerank_by_features(reranker, hits, features, [text], True, device)
+    features = image_features([image], gallery.extractor_config(), device)
+    return rerank_by_features(reranker, hits, features, [h.name for h in hits], False, device)
 
 
 def two_stage_search(
@@ -284,12 +299,7 @@ def two_stage_search(
         raise ConfigError(f"--shortlist {shortlist} must be at least --k {k}")
     device = torch.device(device) if device is not None else default_device()
     gallery = load_index(index, checkpoint, device)
-    if text is not None:
-        hits = gallery.search_text(text, shortlist, nprobe)
-    elif image is not None:
-        hits = gallery.search_image(image, shortlist, nprobe)
-    else:
-        raise ConfigError("search needs exactly one query: a text or an image file")
+    hits = gallery.search(text=text, image=image, k=shortlist, nprobe=nprobe)
     reranked = rerank_hits(
         gallery, hits, load_checkpoint(rerank), text=text, image=image, device=device
     )

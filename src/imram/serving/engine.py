@@ -29,6 +29,7 @@ from imram.features.efficientnet_lite import load_efficientnet_lite
 from imram.features.extract import ExtractorConfig, ImageError, image_features
 from imram.models.imram import BranchTrace
 from imram.retrieval.index import GalleryIndex, Hit, load_index
+from imram.retrieval.two_stage import rerank_by_features
 from imram.training.checkpoint import Checkpoint, load_checkpoint
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
@@ -327,23 +328,9 @@ class SearchService:
     def _rerank(
         self, hits: list[Hit], features: torch.Tensor, texts: list[str], text_query: bool
     ) -> list[Hit]:
-        """Re-order ``hits`` by the cross-attention model: one text against the hits' images,
-        or one image against the hits' captions (as ``rerank_hits`` does)."""
-        if not hits:
-            return hits
-        assert self.reranker is not None and self.reranker.vocab is not None
-        model, vocab = self.reranker.model, self.reranker.vocab
-        tokens, lengths = pad_captions([vocab.encode(text) for text in texts])
-        lengths = lengths.to(self.device)
-        img = model.encode_images(features.to(self.device))
-        cap = model.encode_captions(tokens.to(self.device), lengths)
-        scores = model.similarity(img, cap, lengths).float().cpu()
-        scores = scores[:, 0] if text_query else scores[0]
-        order = torch.argsort(scores, descending=True, stable=True).tolist()
-        return [
-            Hit(rank, hits[i].id, float(scores[i]), hits[i].name)
-            for rank, i in enumerate(order, start=1)
-        ]
+        """Re-order ``hits`` by the cross-attention model (see ``rerank_by_features``)."""
+        assert self.reranker is not None
+        return rerank_by_features(self.reranker, hits, features, texts, text_query, self.device)
 
     def _explain_problem(self) -> str | None:
         """Why explain cannot answer with this configuration, or None when it can."""

@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from imram.cli import main
 from imram.data import PrecompDataset
 from imram.features.extract import ExtractorConfig
 from imram.prepare import prepare_tuxpaint
-from imram.quickstart import MODELS, run_quickstart
+from imram.quickstart import MODELS, best_by, collapsed_loss, equal_time_section, run_quickstart
 
 SMALL = ["model.embed_dim=32", "train.epochs=1", "train.batch_size=64", "data.vocab_glove_top=500"]
 
@@ -40,12 +41,55 @@ def test_quickstart_writes_a_report_of_three_models_beside_chance(tmp_path):
     for model in payload["models"]:
         assert 0 <= model["metrics"]["rsum"] <= 600 and model["curve"][0]["epoch"] == 1
     text = result.report_md.read_text()
-    assert text.count("\n| ") == 5 and "| chance |" in text  # header, 3 models, chance
+    assert "| chance |" in text and "Equal training time (Full-IMRAM against VSE++)" in text
+    # Results: header, 3 models, chance; equal time: header, 2 models.
+    assert text.count("\n| ") == 8
+    for model in payload["models"]:
+        assert model["train_seconds"] == model["curve"][-1]["train_seconds"] > 0
     # A second run reuses the data and the finished runs.
     again = json.loads(run_quickstart(out, overrides=SMALL, progress=False).report_json.read_text())
     for first, second in zip(payload["models"], again["models"], strict=True):
         assert (first["metrics"], first["curve"]) == (second["metrics"], second["curve"])
-        assert second["train_seconds"] < 5
+        assert second["train_seconds"] == first["train_seconds"]  # from the log, not re-timed
+
+
+def _run(model, seconds_and_rsum, samples=100):
+    curve = [
+        {"epoch": e + 1, "loss": 1.0, "hardest": True, "val_rsum": r, "train_seconds": t}
+        for e, (t, r) in enumerate(seconds_and_rsum)
+    ]
+    return {"model": model, "curve": curve, "train_samples": samples * len(curve)}
+
+
+def test_collapsed_loss_and_best_by():
+    assert collapsed_loss(32, 0.2, hardest=True) == pytest.approx(12.8)
+    assert collapsed_loss(32, 0.2, hardest=False) == pytest.approx(2 * 32 * 31 * 0.2)
+    curve = _run("a", [(10, 100), (20, 150), (30, 120)])["curve"]
+    assert best_by(curve, 5) is None
+    assert best_by(curve, 20) == 150 and best_by(curve, 100) == 150
+    assert best_by(curve, 15) == 100
+
+
+def test_equal_time_verdicts():
+    slow_better = _run("A", [(60, 200), (120, 300)])  # 100 samples per 60 s
+    fast = _run("B", [(6, 250), (12, 260)])  # 100 samples per 6 s
+    lines = equal_time_section([slow_better, fast], "A", "B")
+    table = [line for line in lines if line.startswith("| A") or line.startswith("| B")]
+    assert table == ["| A | 2 | - | 300 |", "| B | 17 | 260 | 260 |"]
+    assert lines[2].endswith("| by 0.20 min | by 2.00 min |")
+    verdict = lines[-1]
+    assert verdict.startswith("A is not ahead") and "10.0x fewer samples per second" in verdict
+    assert "peaked at 300 against 260: it gets ahead, but only with 10x the time" in verdict
+
+    fast_worse = _run("B", [(6, 250), (12, 320)])
+    verdict = equal_time_section([slow_better, fast_worse], "A", "B")[-1]
+    assert "peaked at 300 against 320, so more time alone would not close the gap" in verdict
+
+    fast_better = _run("A", [(6, 270), (12, 280)])
+    assert equal_time_section([fast_better, fast], "A", "B")[-1] == (
+        "A is ahead at equal training time."
+    )
+    assert equal_time_section([fast], "A", "B") == []  # a model missing: no section
 
 
 def test_prepare_folder_command(tmp_path, capsys):

@@ -75,6 +75,38 @@ def test_blocks_keep_gradients():
         assert torch.allclose(p.grad, whole[n], atol=1e-10), n
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes autograd holds for the backward pass after ``fn()`` (tensors it saves, counted
+    through the saved-tensor hooks; storage shared by several entries counts once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+@pytest.mark.parametrize("name", ["imram_full", "scan_t2i"])
+def test_activation_checkpointing_keeps_only_block_scores(name):
+    """Checkpointed blocks hold far less for the backward pass, and give the same gradients."""
+    model, img, cap, lengths = _block(name, n_img=6, n_cap=12)
+    weights = torch.randn(6, 12, dtype=torch.float64)
+    grads, held = {}, {}
+    for checkpoint in (False, True):
+        model.zero_grad()
+        held[checkpoint], sims = _saved_bytes(
+            lambda c=checkpoint: block_similarity(model, img, cap, lengths, 8, checkpoint=c)
+        )
+        (sims * weights).sum().backward(retain_graph=True)
+        grads[checkpoint] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert held[True] * 5 < held[False]
+    for n, g in grads[False].items():
+        assert torch.allclose(grads[True][n], g, atol=1e-12, rtol=0), n
+
+
 def test_budget_sizes_blocks():
     model, img, cap, _ = _block()
     with torch.no_grad():

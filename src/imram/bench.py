@@ -366,6 +366,8 @@ class TrainingResult:
     baseline_steps_s: float
     engine_peak_mb: float
     baseline_peak_mb: float
+    checkpointed_steps_s: float | None = None
+    checkpointed_peak_mb: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -374,7 +376,8 @@ class TrainingResult:
 
 def _training_step(args: tuple) -> tuple[float, float]:
     """In a fresh process: (training steps/s over ``steps`` timed steps after one warm-up,
-    growth of peak RSS in MB) of the engine or of the release-style loop."""
+    growth of peak RSS in MB) of the engine (with or without activation checkpointing) or of
+    the release-style loop."""
     from imram.precision import autocast
     from imram.scoring import block_similarity
     from imram.training.loss import triplet_loss
@@ -392,8 +395,10 @@ def _training_step(args: tuple) -> tuple[float, float]:
         with autocast(precision, "cpu"):
             img = model.encode_images(features)
             cap = model.encode_captions(tokens, lengths)
-            if which == "engine":
-                sims = block_similarity(model, img, cap, lengths)
+            if which != "baseline":
+                sims = block_similarity(
+                    model, img, cap, lengths, checkpoint=which == "checkpointed"
+                )
             else:
                 sims = release_style_similarity(model, img, cap, lengths)
         loss = triplet_loss(sims.float(), 0.2, True)
@@ -420,17 +425,21 @@ def bench_training(
     steps: int = 3,
     repeats: int = 2,
     threads: int | None = None,
+    checkpointed: bool = False,
 ) -> list[TrainingResult]:
     """Training steps/s (forward, backward, Adam) of the engine and of a loop mirroring the
     release's training step (captions one at a time against the batch's images, full 2d→d
     memory linears per pair, an update after every step), each in fresh processes that
-    alternate ``repeats`` times; the best run of each counts."""
+    alternate ``repeats`` times; the best run of each counts. ``checkpointed`` also runs the
+    engine with activation checkpointing (``train.activation_checkpointing``)."""
     threads = threads or torch.get_num_threads()
     ctx = mp.get_context("spawn")
     results = []
     for name in names:
         for precision in precisions:
             runs: dict[str, list[tuple[float, float]]] = {"engine": [], "baseline": []}
+            if checkpointed:
+                runs["checkpointed"] = []
             for _ in range(repeats):
                 for which in runs:
                     job = (which, name, steps_k, batch, regions, dim, precision, steps, threads)
@@ -446,6 +455,8 @@ def bench_training(
                     best["baseline"],
                     peak["engine"],
                     peak["baseline"],
+                    best.get("checkpointed"),
+                    peak.get("checkpointed"),
                 )
             )
     return results
@@ -454,16 +465,20 @@ def bench_training(
 def format_training(
     results: list[TrainingResult], batch: int, steps_k: int, regions: int = 36, dim: int = 1024
 ) -> str:
-    """The training benchmark's table."""
+    """The training benchmark's table (with the checkpointed engine's columns when measured)."""
+    extra = any(r.checkpointed_steps_s is not None for r in results)
     lines = [
         f"training step, batch {batch}, K={steps_k}, {regions} regions, d={dim}, lengths 8-20 "
         "(forward + backward + Adam)",
         f"{'model':<12}{'precision':>10}{'engine st/s':>13}{'baseline st/s':>15}{'ratio':>8}"
-        f"{'engine MB':>11}{'base MB':>9}",
+        f"{'engine MB':>11}{'base MB':>9}" + (f"{'ckpt st/s':>11}{'ckpt MB':>9}" if extra else ""),
     ]
     for r in results:
-        lines.append(
+        line = (
             f"{r.name:<12}{r.precision:>10}{r.engine_steps_s:>13.3f}{r.baseline_steps_s:>15.3f}"
             f"{r.ratio:>7.1f}x{r.engine_peak_mb:>11.0f}{r.baseline_peak_mb:>9.0f}"
         )
+        if r.checkpointed_steps_s is not None:
+            line += f"{r.checkpointed_steps_s:>11.3f}{r.checkpointed_peak_mb:>9.0f}"
+        lines.append(line)
     return "\n".join(lines)

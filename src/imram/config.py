@@ -145,12 +145,19 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float = 0.0
     score_budget_mb: float = 1024.0
+    # Recompute each scoring block in the backward pass instead of keeping its intermediates:
+    # training memory stays near one block of score_budget_mb at any batch size.
+    activation_checkpointing: bool = False
+    # Fault tolerance: also checkpoint last/ every N iterations (0: at epoch ends and
+    # validations only); stop after this many non-finite steps in a row (each is skipped).
+    checkpoint_every: int = 0
+    max_nonfinite_steps: int = 5
 
     def validate(self) -> None:
-        for key in ("epochs", "batch_size", "lr_decay_epochs", "log_every"):
+        for key in ("epochs", "batch_size", "lr_decay_epochs", "log_every", "max_nonfinite_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 1")
-        for key in ("warmup_epochs", "val_every", "max_minutes"):
+        for key in ("warmup_epochs", "val_every", "max_minutes", "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 0")
         for key in ("lr", "score_budget_mb"):

@@ -11,3 +11,8 @@ class DataError(ImramError, ValueError):
 
 class ConfigError(ImramError, ValueError):
     """A configuration key, value, preset or model name is unknown or invalid."""
+
+
+class TrainingError(ImramError, RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why
+    and where the last good checkpoint is."""

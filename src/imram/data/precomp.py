@@ -55,9 +55,40 @@ def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     return array
 
 
+def check_npy_size(path: Path) -> None:
+    """Raise when a .npy file's size is not what its header declares: a truncated (or
+    appended-to) file is reported as such instead of being mapped as garbage."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read_header(handle)
+            offset = handle.tell()
+    except (ValueError, OSError, EOFError, SyntaxError) as err:
+        raise DataError(f"{path}: not a readable .npy array ({err})") from None
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    actual = path.stat().st_size
+    if actual < expected:
+        raise DataError(
+            f"{path}: truncated: its header declares {dtype} {tuple(shape)}, {expected} bytes, "
+            f"but the file holds {actual}"
+        )
+    if actual > expected:
+        raise DataError(
+            f"{path}: {actual - expected} bytes after the {dtype} {tuple(shape)} array its "
+            "header declares; the file was changed or appended to"
+        )
+
+
 def open_features(path: str | Path) -> np.ndarray:
-    """Memory-map a float32 ``[images, regions, dim]`` array (never read whole), or raise."""
+    """Memory-map a float32 ``[images, regions, dim]`` array (never read whole), or raise;
+    the file's size must match its header (see :func:`check_npy_size`)."""
     path = Path(path)
+    check_npy_size(path)
     array = _load_npy(path, mmap=True)
     if array.dtype != np.float32:
         raise DataError(f"{path}: features must be float32, found {array.dtype}")

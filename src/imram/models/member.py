@@ -25,8 +25,9 @@ written, and committed when the next training step of either modality begins: th
 batch then never attend over the regions of their own images (which no test gallery offers), and
 staging happens in ``encode_images`` / ``encode_captions``, so the trainer needs no change. The
 staged fragments are buffers too, so a resumed run continues exactly. A bank with no filled slot
-adds nothing: its fragments pass to pooling unchanged. Under DDP each rank keeps its own queue of
-its own batches (DDP must then be built with ``broadcast_buffers=False``, or it copies rank 0's).
+adds nothing: its fragments pass to pooling unchanged. When ``torchrun`` training splits a batch
+across ranks, each rank stages the whole batch's fragments (gathered in rank order), so every
+rank's queue is the one a single process would hold.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from imram.config import ModelConfig
+from imram.distributed import batch_is_sharded, gather_uneven
 from imram.models.attention import attend, attention_from_scores, raw_scores
 from imram.models.encoders import build_encoders, l2norm, length_mask, masked_mean
 from imram.models.memory import MemoryDistillation
@@ -166,6 +168,8 @@ class MEMBER(nn.Module):
         """Keep a training step's last S fragments ``[n, d]`` (detached) until the next step."""
         if not self._writes():
             return
+        if batch_is_sharded():  # the queue holds the global batch's fragments, as in one process
+            fragments = gather_uneven(fragments.detach())
         staged = getattr(self, f"{modality}_staged")
         keep = fragments[-staged.shape[0] :]
         staged[: keep.shape[0]] = keep.detach().to(staged.dtype)

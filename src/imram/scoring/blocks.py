@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -124,12 +125,18 @@ def block_similarity(
     lengths: Tensor,
     max_pairs: int | None = None,
     budget_mb: float = 1024.0,
+    checkpoint: bool = False,
 ) -> Tensor:
     """``[n_images, n_captions]`` scores computed in blocks of at most ``max_pairs`` pairs
     (default: as many as ``budget_mb`` allows, see :func:`pairs_per_block`).
 
-    Autograd flows through when enabled (training); nothing is kept when it is not.
+    Autograd flows through when enabled (training); nothing is kept when it is not. Under
+    autograd every block's intermediates live until the backward pass, so memory grows with the
+    batch whatever the budget; ``checkpoint`` keeps only each block's scores and recomputes the
+    block in the backward pass (activation checkpointing: about one more forward, and memory
+    bounded by one block).
     """
+    recompute = checkpoint and torch.is_grad_enabled()
     max_pairs = max_pairs or pairs_per_block(model, image_emb, caption_emb, budget_mb)
     chunk = _chunk_captions(caption_emb, budget_mb)
     rows: dict[int, list[Tensor]] = {}
@@ -137,7 +144,12 @@ def block_similarity(
     for b in _blocks(model, image_emb, caption_emb, lengths, max_pairs, chunk=chunk):
         if b.images.start == 0:
             columns.append(b.captions)
-        scores = model.similarity(b.image_side, b.caption_side, b.lengths)
+        if recompute:
+            scores = torch.utils.checkpoint.checkpoint(
+                model.similarity, b.image_side, b.caption_side, b.lengths, use_reentrant=False
+            )
+        else:
+            scores = model.similarity(b.image_side, b.caption_side, b.lengths)
         rows.setdefault(b.images.start, []).append(scores)
     sorted_scores = torch.cat([torch.cat(row, dim=1) for row in rows.values()], dim=0)
     return sorted_scores[:, torch.argsort(torch.cat(columns))]

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,12 +18,23 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import Tensor
 from tqdm import tqdm
 
 from imram.config import Config, save_config
-from imram.data import PrecompDataset, Vocabulary, collate, read_captions
+from imram.data import PrecompBatch, PrecompDataset, Vocabulary, collate, read_captions
 from imram.data.glove import embedding_matrix, glove_vocabulary
-from imram.errors import ConfigError, DataError
+from imram.distributed import (
+    any_rank,
+    barrier,
+    broadcast_object,
+    gather_rows,
+    sharded_batch,
+    split_sizes,
+    sum_gradients,
+    world,
+)
+from imram.errors import ConfigError, DataError, TrainingError
 from imram.evaluation import evaluate_model
 from imram.models import build_model
 from imram.precision import autocast
@@ -32,11 +46,13 @@ from imram.training.checkpoint import (
     save_checkpoint,
 )
 from imram.training.loss import triplet_loss
+from imram.training.manifest import data_files, describe, read_manifest, verify, write_manifest
 
 
 @dataclass
 class TrainResult:
-    """Where a run ended: its best validation rsum, position, and whether a budget stopped it."""
+    """Where a run ended: its best validation rsum, position, and why it stopped early, if it
+    did (the time budget, or a SIGTERM/SIGINT: ``interrupted``)."""
 
     run_dir: Path
     best_rsum: float
@@ -44,6 +60,8 @@ class TrainResult:
     iteration: int
     stopped_early: bool
     last_metrics: dict[str, Any]
+    interrupted: bool = False
+    nonfinite_steps: int = 0
 
 
 def default_device() -> torch.device:
@@ -86,14 +104,87 @@ def init_word_embeddings(model: torch.nn.Module, config: Config, vocab: Vocabula
 
 
 class _Log:
-    """Appends JSON lines to ``metrics.jsonl``."""
+    """Appends JSON lines to ``metrics.jsonl`` (nothing on ranks other than 0: ``path`` None)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
 
     def write(self, **event: Any) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(event) + "\n")
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only set ``requested``: the loop finishes its step,
+    checkpoints and returns. A second SIGINT interrupts at once. Only the main thread can
+    install handlers; elsewhere signals keep their usual effect."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _recover_swap(last_dir: Path) -> None:
+    """Put back ``last/`` if a crash fell between the two renames of a checkpoint swap."""
+    old = last_dir.parent / f".{last_dir.name}.old"
+    if not (last_dir / "checkpoint.json").is_file() and (old / "checkpoint.json").is_file():
+        os.replace(old, last_dir)
+
+
+def batch_scores(
+    model: torch.nn.Module,
+    batch: PrecompBatch,
+    device: torch.device,
+    budget_mb: float,
+    checkpoint: bool,
+) -> Tensor:
+    """The ``[B, B]`` score matrix of a global batch, equal on every rank.
+
+    One process scores the whole batch. Under ``torchrun`` each rank encodes its contiguous
+    share of the images and captions, gathers every rank's image embeddings (with autograd),
+    scores its captions against all of them and gathers the score columns: the matrix, hence
+    the loss, is the single-process one, and each rank's backward pass reaches only its share.
+    A batch smaller than the world is scored whole by every rank.
+    """
+    rank, world_size = world()
+    images, tokens, lengths = (
+        batch.images.to(device),
+        batch.tokens.to(device),
+        batch.lengths.to(device),
+    )
+    if world_size == 1 or len(lengths) < world_size:
+        img = model.encode_images(images)
+        cap = model.encode_captions(tokens, lengths)
+        return block_similarity(
+            model, img, cap, lengths, budget_mb=budget_mb, checkpoint=checkpoint
+        )
+    sizes = split_sizes(len(lengths), world_size)
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    local_lengths = lengths[mine]
+    with sharded_batch():
+        img = gather_rows(model.encode_images(images[mine]), sizes)
+        cap = model.encode_captions(tokens[mine, : int(local_lengths.max())], local_lengths)
+    columns = block_similarity(
+        model, img, cap, local_lengths, budget_mb=budget_mb, checkpoint=checkpoint
+    )
+    return gather_rows(columns.T, sizes).T
 
 
 def train(
@@ -105,11 +196,22 @@ def train(
     device: str | torch.device | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``config.model`` on ``data_dir``; with ``resume`` continue ``run_dir/last`` exactly."""
+    """Train ``config.model`` on ``data_dir``; with ``resume`` continue ``run_dir/last`` exactly.
+
+    Under ``torchrun`` (an initialised process group) the ranks split each global batch of
+    ``train.batch_size`` and only rank 0 writes; the run, its checkpoints and a resume are
+    those of one process on the same global batches, whatever the number of processes.
+    SIGTERM or SIGINT finishes the step, checkpoints and returns (``interrupted``).
+    """
+    rank, world_size = world()
+    lead = rank == 0
     data, run = Path(data_dir), Path(run_dir)
     device = torch.device(device) if device is not None else default_device()
     last_dir, best_dir = run / "last", run / "best"
     if resume:
+        if lead:
+            _recover_swap(last_dir)
+        barrier()
         if not (last_dir / "checkpoint.json").is_file():
             raise DataError(f"{run}: nothing to resume (no last/checkpoint.json)")
         meta = read_meta(last_dir)
@@ -138,8 +240,17 @@ def train(
                 f"{split.features_path}: features are {split.feature_dim}-d but "
                 f"model.img_dim={config.model.img_dim}"
             )
-    vocab.save(run / "vocab.json")
-    save_config(config, run / "config.yaml")
+    files = data_files(train_set, val_set)
+    manifest = read_manifest(run) if resume else None
+    if lead:
+        if manifest is not None:
+            manifest = verify(manifest, files, run, full=True)
+        else:
+            manifest = describe(files)
+        write_manifest(run, manifest)
+        vocab.save(run / "vocab.json")
+        save_config(config, run / "config.yaml")
+    manifest = broadcast_object(manifest)
 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model).to(device)
@@ -148,17 +259,29 @@ def train(
         model.text_encoder.embed.weight.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.train.lr)
-    state = {"epoch": 0, "batch": 0, "iteration": 0, "best_rsum": -math.inf}
+    # train_seconds: wall time spent in training steps (not validation), summed over resumes.
+    state = {
+        "epoch": 0,
+        "batch": 0,
+        "iteration": 0,
+        "best_rsum": -math.inf,
+        "train_seconds": 0.0,
+        "nonfinite_steps": 0,
+    }
     if resume:
         weights = last_dir / "model.safetensors"
         load_weights(model, load_file(weights, device=str(device)), str(weights))
         load_trainer_state(last_dir, optimizer)
         state.update(meta["state"])
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    log = _Log(run / "metrics.jsonl")
+    log = _Log(run / "metrics.jsonl" if lead else None)
     if found:
         log.write(
             event="word_vectors", name=config.model.word_vectors, found=found, vocab=len(vocab)
+        )
+    if world_size > 1:
+        log.write(
+            event="distributed", world_size=world_size, backend=torch.distributed.get_backend()
         )
     tc = config.train
     start_time = time.monotonic()
@@ -166,7 +289,8 @@ def train(
 
     def checkpoint(epoch: int, batch: int) -> None:
         state.update(epoch=epoch, batch=batch)  # the position a resume starts from
-        save_checkpoint(last_dir, model, config, vocab, dict(state), optimizer)
+        if lead:
+            save_checkpoint(last_dir, model, config, vocab, dict(state), optimizer)
 
     def validate(epoch: int) -> None:
         nonlocal last_metrics
@@ -179,69 +303,134 @@ def train(
             device=device,
         )
         last_metrics = metrics
-        log.write(event="val", epoch=epoch, iteration=state["iteration"], **metrics)
+        log.write(
+            event="val",
+            epoch=epoch,
+            iteration=state["iteration"],
+            train_seconds=state["train_seconds"],
+            **metrics,
+        )
         if metrics["rsum"] > state["best_rsum"]:
             state["best_rsum"] = metrics["rsum"]
-            save_checkpoint(best_dir, model, config, vocab, {**state, "metrics": metrics})
+            if lead:
+                save_checkpoint(best_dir, model, config, vocab, {**state, "metrics": metrics})
 
-    stopped = False
+    def step(batch: PrecompBatch, hardest: bool) -> float | None:
+        """One optimisation step; the loss, or None when the loss or the gradient norm is not
+        finite (the step is skipped). Every rank takes the same decision: the loss comes from
+        the gathered matrix and the norm from the summed gradients."""
+        with autocast(config.precision, device):
+            sims = batch_scores(
+                model, batch, device, tc.score_budget_mb, tc.activation_checkpointing
+            )
+        loss = triplet_loss(sims.float(), tc.margin, hardest)
+        if not torch.isfinite(loss):
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss / world_size).backward()
+        if world_size > 1:
+            sum_gradients(trainable)
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+        if not (torch.isfinite(norm) or scaler.is_enabled()):  # fp16: the scaler skips instead
+            return None
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.item()
+
+    stopped = interrupted = False
+    bad_in_a_row = 0
     n = len(train_set)
-    for epoch in range(state["epoch"], tc.epochs):
-        lr = tc.lr * tc.lr_decay ** (epoch // tc.lr_decay_epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        hardest = tc.hardest_negative and epoch >= tc.warmup_epochs
-        order = epoch_order(n, tc.seed, epoch)
-        batches = [order[s : s + tc.batch_size] for s in range(0, n, tc.batch_size)]
-        bar = tqdm(
-            range(state["batch"], len(batches)),
-            desc=f"epoch {epoch + 1}/{tc.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        model.train()
-        for b in bar:
-            tick = time.perf_counter()
-            batch = collate([train_set[int(j)] for j in batches[b]])
-            with autocast(config.precision, device):
-                img = model.encode_images(batch.images.to(device))
-                cap = model.encode_captions(batch.tokens.to(device), batch.lengths.to(device))
-                sims = block_similarity(
-                    model, img, cap, batch.lengths.to(device), budget_mb=tc.score_budget_mb
+    with _StopSignals() as signals:
+        for epoch in range(state["epoch"], tc.epochs):
+            verify(manifest, files, run, full=False)
+            lr = tc.lr * tc.lr_decay ** (epoch // tc.lr_decay_epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            hardest = tc.hardest_negative and epoch >= tc.warmup_epochs
+            order = epoch_order(n, tc.seed, epoch)
+            batches = [order[s : s + tc.batch_size] for s in range(0, n, tc.batch_size)]
+            bar = tqdm(
+                range(state["batch"], len(batches)),
+                desc=f"epoch {epoch + 1}/{tc.epochs}",
+                disable=not (progress and lead),
+                leave=False,
+            )
+            model.train()
+            for b in bar:
+                tick = time.perf_counter()
+                batch = collate([train_set[int(j)] for j in batches[b]])
+                loss = step(batch, hardest)
+                state["iteration"] += 1
+                seconds = time.perf_counter() - tick
+                state["train_seconds"] += seconds
+                rate = len(batches[b]) / seconds
+                if loss is None:
+                    bad_in_a_row += 1
+                    state["nonfinite_steps"] += 1
+                    log.write(
+                        event="nonfinite",
+                        epoch=epoch,
+                        iteration=state["iteration"],
+                        in_a_row=bad_in_a_row,
+                        total=state["nonfinite_steps"],
+                    )
+                    if bad_in_a_row >= tc.max_nonfinite_steps:
+                        raise TrainingError(
+                            f"{run}: {bad_in_a_row} training steps in a row had a non-finite "
+                            f"loss or gradient (epoch {epoch + 1}, iteration "
+                            f"{state['iteration']}); each was skipped, and the run stops at "
+                            f"train.max_nonfinite_steps={tc.max_nonfinite_steps}. {run / 'last'}"
+                            " holds the last good checkpoint; lower train.lr, check the data, "
+                            "or train in fp32"
+                        )
+                else:
+                    bad_in_a_row = 0
+                    bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.0f}")
+                    if state["iteration"] % tc.log_every == 0:
+                        log.write(
+                            event="train",
+                            epoch=epoch,
+                            iteration=state["iteration"],
+                            loss=loss,
+                            lr=lr,
+                            hardest=hardest,
+                            samples_per_s=rate,
+                            train_seconds=state["train_seconds"],
+                        )
+                if tc.val_every and state["iteration"] % tc.val_every == 0:
+                    validate(epoch)
+                    checkpoint(epoch, b + 1)
+                elif tc.checkpoint_every and state["iteration"] % tc.checkpoint_every == 0:
+                    checkpoint(epoch, b + 1)
+                out_of_time = bool(tc.max_minutes) and (
+                    time.monotonic() - start_time > 60 * tc.max_minutes
                 )
-            loss = triplet_loss(sims.float(), tc.margin, hardest)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            state["iteration"] += 1
-            rate = len(batches[b]) / (time.perf_counter() - tick)
-            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
-            if state["iteration"] % tc.log_every == 0:
-                log.write(
-                    event="train",
-                    epoch=epoch,
-                    iteration=state["iteration"],
-                    loss=loss.item(),
-                    lr=lr,
-                    hardest=hardest,
-                    samples_per_s=rate,
-                )
-            if tc.val_every and state["iteration"] % tc.val_every == 0:
-                validate(epoch)
-                checkpoint(epoch, b + 1)
-            if tc.max_minutes and time.monotonic() - start_time > 60 * tc.max_minutes:
-                checkpoint(epoch, b + 1)
-                stopped = True
+                if any_rank(out_of_time or signals.requested is not None, device):
+                    checkpoint(epoch, b + 1)
+                    interrupted = not out_of_time
+                    if interrupted:
+                        log.write(
+                            event="interrupted",
+                            signal=signals.requested or "another rank's",
+                            epoch=epoch,
+                            iteration=state["iteration"],
+                        )
+                    stopped = True
+                    break
+            bar.close()
+            if stopped:
                 break
-        bar.close()
-        if stopped:
-            break
-        state["batch"] = 0
-        validate(epoch)
-        checkpoint(epoch + 1, 0)
+            state["batch"] = 0
+            validate(epoch)
+            checkpoint(epoch + 1, 0)
     return TrainResult(
-        run, state["best_rsum"], state["epoch"], state["iteration"], stopped, last_metrics
+        run,
+        state["best_rsum"],
+        state["epoch"],
+        state["iteration"],
+        stopped,
+        last_metrics,
+        interrupted,
+        state["nonfinite_steps"],
     )

@@ -80,6 +80,7 @@ def test_equal_time_verdicts():
     verdict = lines[-1]
     assert verdict.startswith("A is not ahead") and "10.0x fewer samples per second" in verdict
     assert "peaked at 300 against 260: it gets ahead, but only with 10x the time" in verdict
+    assert "within B's 0.20 min it had not finished its first epoch (done at 1.00 min)" in verdict
 
     fast_worse = _run("B", [(6, 250), (12, 320)])
     verdict = equal_time_section([slow_better, fast_worse], "A", "B")[-1]

@@ -11,15 +11,17 @@ import multiprocessing as mp
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imram.evaluation import encode_in_batches
+from imram.evaluation import encode_in_batches, evaluate_model
 from imram.models import build_model
 from imram.models.memory import MemoryDistillation
+from imram.precision import autocast
 from imram.scoring import block_similarity, score_gallery
 
 EPS = 1e-8
@@ -113,9 +115,11 @@ def _measure(args: tuple) -> tuple[float, float, Tensor]:
     cap, lengths = cap[:scored], lengths[:scored]
 
     def run(images: Tensor, captions: Tensor, lens: Tensor) -> Tensor:
-        if which == "engine":
-            return block_similarity(model, images, captions, lens, budget_mb=1024)
-        return release_style_similarity(model, images, captions, lens)
+        if which == "baseline":
+            return release_style_similarity(model, images, captions, lens)
+        precision = which.removeprefix("engine-") if which.startswith("engine-") else "fp32"
+        with autocast(precision, "cpu"):  # "engine-bf16": the engine under bf16 autocast
+            return block_similarity(model, images, captions, lens, budget_mb=1024).float()
 
     before = _peak_mb()
     with torch.no_grad():
@@ -169,6 +173,83 @@ def bench_scoring(
         diff = (engine[2][:, :base_caps] - base[2]).abs().max().item()
         results.append(ScoringResult(name, steps, engine[0], base[0], engine_mb, base_mb, diff))
     return results
+
+
+@dataclass
+class LowPrecisionResult:
+    name: str
+    steps: int
+    precision: str
+    low_pairs_s: float
+    fp32_pairs_s: float
+    max_abs_diff: float
+
+    @property
+    def ratio(self) -> float:
+        return self.low_pairs_s / self.fp32_pairs_s
+
+
+def bench_low_precision_scoring(
+    configs: tuple[tuple[str, int], ...] = (("imram_full", 3),),
+    precision: str = "bf16",
+    n_images: int = 128,
+    n_captions: int = 128,
+    regions: int = 36,
+    dim: int = 1024,
+    threads: int | None = None,
+    repeats: int = 3,
+) -> list[LowPrecisionResult]:
+    """Pairs/s of the engine under ``precision`` autocast against the same engine in fp32,
+    fresh processes alternating, best of ``repeats`` each; with the largest score difference."""
+    threads = threads or torch.get_num_threads()
+    ctx = mp.get_context("spawn")
+    results = []
+    for name, steps in configs:
+        runs: dict[str, list[tuple[float, float, Tensor]]] = {"low": [], "fp32": []}
+        for _ in range(repeats):
+            for key, which in (("low", f"engine-{precision}"), ("fp32", "engine")):
+                job = (which, name, steps, n_images, n_captions, n_captions, regions, dim, threads)
+                with ctx.Pool(1) as pool:
+                    runs[key].append(pool.apply(_measure, (job,)))
+        low, exact = (max(runs[k], key=lambda r: r[0]) for k in ("low", "fp32"))
+        diff = (low[2] - exact[2]).abs().max().item()
+        results.append(LowPrecisionResult(name, steps, precision, low[0], exact[0], diff))
+    return results
+
+
+def format_low_precision(results: list[LowPrecisionResult], n_images: int, n_captions: int) -> str:
+    lines = [
+        f"scoring under autocast against the fp32 engine, block {n_images} x {n_captions}, "
+        "36 regions, d=1024",
+        f"{'model':<12}{'K':>2}{'precision':>10}{'low p/s':>10}{'fp32 p/s':>10}{'ratio':>8}"
+        f"{'max|diff|':>11}",
+    ]
+    for r in results:
+        lines.append(
+            f"{r.name:<12}{r.steps:>2}{r.precision:>10}{r.low_pairs_s:>10,.0f}"
+            f"{r.fp32_pairs_s:>10,.0f}{r.ratio:>7.2f}x{r.max_abs_diff:>11.1e}"
+        )
+    return "\n".join(lines)
+
+
+def low_precision_rsum(
+    checkpoint: str | Path, data: str | Path, split: str = "test", precision: str = "bf16"
+) -> str:
+    """One line: the rsum of a checkpoint on a split under ``precision`` and in fp32."""
+    from imram.data import PrecompDataset
+    from imram.training.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    dataset = PrecompDataset(data, split, loaded.vocab)
+    metrics, _, _ = evaluate_model(
+        loaded.model, dataset, "1k", precision=precision, against_fp32=True
+    )
+    return (
+        f"{loaded.config.model.name} on {Path(data).name}/{split}: rsum {precision} "
+        f"{metrics['rsum']:.2f}, fp32 {metrics['fp32_rsum']:.2f}, difference "
+        f"{metrics['rsum_vs_fp32']:+.2f}; largest score difference "
+        f"{metrics['max_score_diff_vs_fp32']:.1e}"
+    )
 
 
 def format_scoring(results: list[ScoringResult], n_images: int, n_captions: int) -> str:

@@ -37,6 +37,7 @@ def _vocab(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from imram.config import load_config
+    from imram.distributed import init_from_env, local_device, shutdown
     from imram.training.trainer import train
 
     source = args.config
@@ -45,13 +46,28 @@ def _train(args: argparse.Namespace) -> int:
             raise ConfigError("train needs --config (or --resume with an existing --out)")
         source = str(Path(args.out) / "config.yaml")
     config = load_config(source, args.set)
-    result = train(
-        config, args.data, args.out, args.vocab, args.resume, args.device, not args.no_progress
+    rank, world = init_from_env()  # torchrun: one process per rank, gloo on CPU, NCCL on GPU
+    try:
+        device = args.device or (local_device() if world > 1 else None)
+        result = train(
+            config, args.data, args.out, args.vocab, args.resume, device, not args.no_progress
+        )
+    finally:
+        shutdown()
+    if rank != 0:
+        return 0
+    if result.interrupted:
+        state = "interrupted (checkpointed; continue with --resume)"
+    elif result.stopped_early:
+        state = "stopped at the time budget"
+    else:
+        state = "finished"
+    skipped = (
+        f", {result.nonfinite_steps} non-finite steps skipped" if result.nonfinite_steps else ""
     )
-    state = "stopped at the time budget" if result.stopped_early else "finished"
     print(
         f"{state}: epoch {result.epoch}, iteration {result.iteration}, "
-        f"best validation rsum {result.best_rsum:.1f}; checkpoints in {result.run_dir}"
+        f"best validation rsum {result.best_rsum:.1f}{skipped}; checkpoints in {result.run_dir}"
     )
     return 0
 
@@ -194,20 +210,46 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from imram.bench import (
+        bench_low_precision_scoring,
         bench_scoring,
         bench_topk_memory,
         bench_training,
         bench_two_stage,
         bench_two_stage_synthetic,
+        format_low_precision,
         format_scoring,
         format_training,
+        low_precision_rsum,
     )
 
     if args.what == "training":
         names = tuple(args.models or ["imram_full", "imram_text", "imram_image"])
         steps_k = (args.steps or [3])[0]
-        results = bench_training(names, steps_k=steps_k, repeats=args.repeats, threads=args.threads)
-        print(format_training(results, 32, steps_k))
+        results = bench_training(
+            names,
+            precisions=tuple(args.precisions),
+            steps_k=steps_k,
+            batch=args.batch,
+            repeats=args.repeats,
+            threads=args.threads,
+            checkpointed=args.activation_checkpointing,
+        )
+        print(format_training(results, args.batch, steps_k))
+        low = [p for p in args.precisions if p != "fp32"]
+        if low and not args.no_scoring:
+            scoring = bench_low_precision_scoring(
+                tuple((name, steps_k) for name in names),
+                low[0],
+                threads=args.threads,
+                repeats=args.repeats,
+            )
+            print(format_low_precision(scoring, 128, 128))
+            checkpoint = args.checkpoint or "runs/quickstart/quickstart_full_imram"
+            data = args.data or "runs/quickstart/tuxpaint_precomp"
+            if Path(checkpoint).exists() and Path(data).is_dir():
+                print(low_precision_rsum(checkpoint, data, args.split, low[0]))
+            else:
+                print(f"(no {checkpoint} with {data}: run imram quickstart for the rsum check)")
         return 0
 
     if args.what == "two-stage":
@@ -350,6 +392,51 @@ def _serve(args: argparse.Namespace) -> int:
         announce=announce,
         log_level=args.log_level,
     )
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    """``analyze steps|aggregators|attention|salient``: one library call, then its summary."""
+    from imram import analysis
+
+    common = dict(device=args.device)
+    if args.analysis in ("steps", "aggregators"):
+        sweep = analysis.run_steps if args.analysis == "steps" else analysis.run_aggregators
+        choice = args.steps if args.analysis == "steps" else args.aggregators
+        result = sweep(
+            args.config,
+            args.data,
+            args.out,
+            args.set,
+            choice,
+            split=args.split,
+            protocol=args.protocol,
+            progress=not args.no_progress,
+            **common,
+        )
+    elif args.analysis == "attention":
+        result = analysis.attention_maps(
+            args.checkpoint,
+            args.data,
+            args.out,
+            args.image,
+            args.caption,
+            split=args.split,
+            max_words=args.max_words,
+            **common,
+        )
+    else:
+        result = analysis.salient_analysis(
+            args.checkpoint,
+            args.data,
+            args.split,
+            args.out,
+            max_pairs=args.max_pairs,
+            seed=args.seed,
+            progress=not args.no_progress,
+            **common,
+        )
+    print(result.summary())
     return 0
 
 
@@ -516,10 +603,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs each; the best counts")
+    bench.add_argument("--batch", type=int, default=32, help="training: batch size (default 32)")
+    bench.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["fp32", "bf16", "fp16"],
+        default=["fp32", "bf16"],
+        help="training: precisions to measure (default fp32 bf16)",
+    )
+    bench.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="training: also time the engine with activation checkpointing (memory column)",
+    )
+    bench.add_argument(
+        "--checkpoint",
+        help="training: checkpoint whose low-precision rsum is compared with fp32 on --data "
+        "--split (default: the quickstart's Full-IMRAM run and data)",
+    )
+    bench.add_argument(
+        "--no-scoring",
+        action="store_true",
+        help="training: skip the low-precision scoring section",
+    )
     bench.add_argument("--first", help="two-stage: the shortlisting (embedding) checkpoint")
     bench.add_argument("--second", help="two-stage: the re-ranking (IMRAM) checkpoint")
-    bench.add_argument("--data", help="two-stage: precomp folder")
-    bench.add_argument("--split", default="test", help="two-stage: split (default test)")
+    bench.add_argument("--data", help="two-stage, training: precomp folder")
+    bench.add_argument("--split", default="test", help="two-stage, training: split (default test)")
     bench.add_argument(
         "--shortlist",
         type=int,
@@ -586,6 +696,69 @@ def build_parser() -> argparse.ArgumentParser:
         help="server log level (default info: one line per request)",
     )
     serve.set_defaults(func=_serve)
+
+    from imram.config import AGGREGATORS
+
+    analyze = commands.add_parser(
+        "analyze", help="the paper's analyses: steps K, aggregators, attention maps, salient words"
+    )
+    analyses = analyze.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    sweeps = {
+        "steps": "train and evaluate K = 1, 2, 3 (Table 4)",
+        "aggregators": "train and evaluate each memory aggregator (Table 5)",
+    }
+    for name, text in sweeps.items():
+        sweep = analyses.add_parser(name, help=text)
+        sweep.add_argument("--config", required=True, help="preset name or YAML file")
+        sweep.add_argument("--data", required=True, help="precomp folder")
+        sweep.add_argument("--out", required=True, help="folder for the runs, report and plot")
+        sweep.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a key of every variant, e.g. train.epochs=4 (repeatable)",
+        )
+        if name == "steps":
+            sweep.add_argument("--steps", type=int, nargs="+", default=[1, 2, 3], help="K values")
+        else:
+            sweep.add_argument(
+                "--aggregators", nargs="+", choices=AGGREGATORS, default=list(AGGREGATORS)
+            )
+        sweep.add_argument("--split", default="test", help="evaluation split (default test)")
+        sweep.add_argument("--protocol", choices=PROTOCOLS, default="1k")
+        sweep.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+        sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    attention = analyses.add_parser(
+        "attention", help="per-step attention of a caption's words over an image (Figure 3)"
+    )
+    attention.add_argument("--checkpoint", required=True, help="IMRAM or SCAN t-i run/checkpoint")
+    attention.add_argument(
+        "--data", required=True, help="precomp folder: its split images, or its extractor"
+    )
+    attention.add_argument(
+        "--image",
+        required=True,
+        metavar="FILE|INDEX|NAME",
+        help="an image file, or an image of --split: its row index or its name in the ids file",
+    )
+    attention.add_argument("--caption", help="text to match (default: a split image's caption)")
+    attention.add_argument("--split", default="test", help="split of --image (default test)")
+    attention.add_argument("--out", required=True, help="folder for the figure and report")
+    attention.add_argument("--max-words", type=int, default=12, help="rows of the figure")
+    attention.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    salient = analyses.add_parser(
+        "salient", help="share of salient nouns, verbs, adjectives per step (Table 6)"
+    )
+    salient.add_argument("--checkpoint", required=True, help="IMRAM or SCAN t-i run/checkpoint")
+    salient.add_argument("--data", required=True, help="precomp folder")
+    salient.add_argument("--split", default="test", help="split (default test)")
+    salient.add_argument("--out", required=True, help="folder for the table, plot and report")
+    salient.add_argument("--max-pairs", type=int, help="sample this many captions (default all)")
+    salient.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    salient.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    salient.add_argument("--no-progress", action="store_true", help="no progress bar")
+    analyze.set_defaults(func=_analyze)
     return parser
 
 

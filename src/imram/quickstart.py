@@ -127,12 +127,19 @@ def equal_time_section(rows: list[dict[str, Any]], first: str, second: str) -> l
                 "on scenes with several objects and five captions each (Flickr30K, COCO: "
                 "SPEC §8)."
             )
+        early = best_by(runs[0]["curve"], short)
+        first_val = runs[0]["curve"][0]["train_seconds"]
+        reached = (
+            f"it reached dev rsum {early:.0f}"
+            if early is not None
+            else f"it had not finished its first epoch (done at {first_val / 60:.2f} min)"
+        )
         lines.append(
             f"{first} is not ahead at equal training time. Measured: it trains "
             f"{rates[1] / rates[0]:.1f}x fewer samples per second than {second} "
             f"({rates[0]:.0f} against {rates[1]:.0f}), so within {second}'s "
-            f"{short / 60:.2f} min it reached dev rsum {cell(best_by(runs[0]['curve'], short))} "
-            f"against {cell(best_by(runs[1]['curve'], short))}; {later}"
+            f"{short / 60:.2f} min {reached} against {cell(best_by(runs[1]['curve'], short))}; "
+            f"{later}"
         )
     return lines
 

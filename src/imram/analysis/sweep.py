@@ -1,0 +1,343 @@
+"""Train and evaluate variants of one config, then tabulate, plot and report them: the engine of
+``imram analyze steps`` (the paper's Table 4) and ``imram analyze aggregators`` (Table 5).
+
+Each variant trains into ``OUT/<folder>`` as an ordinary resumable run of
+:func:`imram.training.trainer.train`: a finished run is reused, an interrupted one (Ctrl-C, or
+``train.max_minutes``) continues from its ``last/`` checkpoint. The test metrics of a run's
+checkpoint are kept in ``OUT/<folder>/analysis.json`` with the iteration they belong to, so a
+re-run scores the split again only when the checkpoint changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from imram.config import Config, load_config
+from imram.data import PrecompDataset
+from imram.data.text import SPECIALS, atomic_write_text
+from imram.errors import ConfigError, ImramError
+from imram.evaluation import evaluate_model
+from imram.metrics import METRIC_KEYS, chance_metrics
+from imram.models import IMRAM, SCAN, build_model
+from imram.training.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from imram.training.trainer import TrainResult, default_device, train
+
+RECORD = "analysis.json"
+TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+PLOTTED = {"i2t R@1": "i2t_r1", "i2t R@10": "i2t_r10", "t2i R@1": "t2i_r1", "t2i R@10": "t2i_r10"}
+
+
+class SweepInterrupted(ImramError):
+    """A signal (Ctrl-C, SIGTERM) stopped a variant's training; its run is checkpointed."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of a sweep: its label in tables, its run folder, its ``--set`` items."""
+
+    label: str
+    folder: str
+    overrides: tuple[str, ...]
+
+
+@dataclass
+class VariantResult:
+    """A variant's run and its test metrics. ``status``: ``trained`` (new run), ``resumed``
+    (continued an interrupted run) or ``reused`` (already finished); ``checkpoint``: the
+    evaluated one (``best``, or ``last`` before any validation)."""
+
+    label: str
+    run: Path
+    overrides: tuple[str, ...]
+    status: str
+    stopped_early: bool
+    epochs_done: int
+    epochs: int
+    train_seconds: float
+    checkpoint: str
+    dev_rsum: float | None
+    metrics: dict[str, float]
+
+
+@dataclass
+class SweepResult:
+    """What a sweep wrote: the markdown table, the plot, ``report.md`` and ``report.json``."""
+
+    rows: list[VariantResult]
+    table: str
+    plot: Path
+    report_md: Path
+    report_json: Path
+
+    def summary(self) -> str:
+        return f"{self.table}\nwrote {self.report_md}, {self.report_json} and {self.plot}"
+
+
+def require_imram(config: Config, source: str, what: str) -> None:
+    """Refuse configs whose model has no memory unit to vary (SCAN, VSE++, MEMBER).
+
+    The model is built with a four-word vocabulary: cheap, and it runs every check the
+    constructor makes (e.g. SCAN's single step) before hours of training start.
+    """
+    model = build_model(replace(config.model, vocab_size=len(SPECIALS)))
+    if not isinstance(model, IMRAM) or isinstance(model, SCAN):
+        raise ConfigError(
+            f"{source}: {what} needs an IMRAM model (model.name imram_full, imram_text or "
+            f"imram_image), got model.name={config.model.name!r}"
+        )
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _train_variant(
+    config: Config, data: Path, run: Path, record: dict[str, Any], device: str, progress: bool
+) -> tuple[str, TrainResult]:
+    """Train a new run, resume an unfinished one or reuse a finished one (which ``train``
+    returns at once, after checking the config); returns the status and the TrainResult."""
+    last = run / "last"
+    status = "trained"
+    if (last / "checkpoint.json").is_file():
+        state = read_meta(last)["state"]
+        done = state.get("epoch", 0) >= config.train.epochs and not state.get("batch", 0)
+        status = "reused" if done else "resumed"
+    tick = time.monotonic()
+    result = train(config, data, run, resume=status != "trained", device=device, progress=progress)
+    if status != "reused":
+        record["train_seconds"] = record.get("train_seconds", 0.0) + time.monotonic() - tick
+    if result.interrupted:
+        atomic_write_text(run / RECORD, json.dumps(record, indent=1))
+        raise SweepInterrupted(
+            f"{run}: training interrupted and checkpointed; run the same command again to "
+            "resume it (finished runs are reused)"
+        )
+    return status, result
+
+
+def _test_metrics(
+    run: Path, record: dict[str, Any], data: Path, split: str, protocol: str, device: str
+) -> tuple[Path, dict[str, Any], dict[str, float]]:
+    """The run's checkpoint (``best``, else ``last``), its meta and its metrics on ``split``:
+    from ``record`` when they were computed for this very checkpoint, else evaluated now."""
+    where = resolve_checkpoint(run)
+    meta = read_meta(where)
+    stamp = {
+        "checkpoint": where.name,
+        "iteration": meta["state"].get("iteration"),
+        "data": str(data.resolve()),
+    }
+    cached = record.get("eval", {}).get(f"{split}/{protocol}", {})
+    if {k: cached.get(k) for k in stamp} == stamp and "metrics" in cached:
+        return where, meta, cached["metrics"]
+    checkpoint = load_checkpoint(where)
+    dataset = PrecompDataset(data, split, checkpoint.vocab)
+    found, _, _ = evaluate_model(checkpoint.model.to(device), dataset, protocol, device=device)
+    metrics = {k: float(found[k]) for k in METRIC_KEYS}
+    record.setdefault("eval", {})[f"{split}/{protocol}"] = {**stamp, "metrics": metrics}
+    return where, meta, metrics
+
+
+def _run_variant(
+    variant: Variant,
+    config: Config,
+    data: Path,
+    out: Path,
+    split: str,
+    protocol: str,
+    device: str,
+    progress: bool,
+) -> VariantResult:
+    """Train (or resume, or reuse) one variant's run, then evaluate its checkpoint on ``split``."""
+    run = out / variant.folder
+    record = _read_record(run / RECORD)
+    status, result = _train_variant(config, data, run, record, device, progress)
+    where, meta, metrics = _test_metrics(run, record, data, split, protocol, device)
+    atomic_write_text(run / RECORD, json.dumps(record, indent=1))
+    best = meta["state"].get("best_rsum")
+    return VariantResult(
+        label=variant.label,
+        run=run,
+        overrides=variant.overrides,
+        status=status,
+        stopped_early=result.stopped_early,
+        epochs_done=result.epoch,
+        epochs=config.train.epochs,
+        train_seconds=float(record.get("train_seconds", 0.0)),
+        checkpoint=where.name,
+        dev_rsum=float(best) if isinstance(best, int | float) and math.isfinite(best) else None,
+        metrics=metrics,
+    )
+
+
+def duration(seconds: float) -> str:
+    """``42 s`` under two minutes, else ``3.5 min``."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _row(label: str, metrics: dict[str, float], extra: Sequence[str]) -> str:
+    cells = [f"{metrics[k]:.1f}" for k in TABLE_KEYS]
+    return "| " + " | ".join([label, *cells, *extra]) + " |"
+
+
+def markdown_table(rows: Sequence[VariantResult], chance: dict[str, float] | None) -> str:
+    """One row per variant (R@1/5/10 both ways, rsum, dev rsum, epochs, time), then chance."""
+    header = (
+        "| variant | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | dev rsum | epochs "
+        "| train time |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [header]
+    for r in rows:
+        dev = f"{r.dev_rsum:.1f}" if r.dev_rsum is not None else "-"
+        epochs = f"{r.epochs_done}/{r.epochs}" + (" (stopped)" if r.stopped_early else "")
+        lines.append(_row(r.label, r.metrics, [dev, epochs, duration(r.train_seconds)]))
+    if chance is not None:
+        lines.append(_row("chance", chance, ["-", "-", "-"]))
+    return "\n".join(lines)
+
+
+def plotted_series(rows: Sequence[VariantResult]) -> dict[str, list[float]]:
+    """The recalls the paper's Tables 4 and 5 list (R@1 and R@10 both ways), per variant."""
+    return {name: [r.metrics[key] for r in rows] for name, key in PLOTTED.items()}
+
+
+def analyze_command(
+    name: str,
+    config: str,
+    data: str | Path,
+    out: str | Path,
+    overrides: Sequence[str],
+    split: str,
+    protocol: str,
+    extra: Sequence[str] = (),
+) -> str:
+    """The ``imram analyze`` command line equivalent to a call, for the report."""
+    argv = ["imram", "analyze", name, "--config", config, "--data", str(data), "--out", str(out)]
+    for item in overrides:
+        argv += ["--set", item]
+    return shlex.join([*argv, *extra, "--split", split, "--protocol", protocol])
+
+
+def _train_command(config: str, data: Path, run: Path, overrides: Sequence[str]) -> str:
+    argv = ["imram", "train", "--config", config, "--data", str(data), "--out", str(run)]
+    for item in overrides:
+        argv += ["--set", item]
+    return shlex.join(argv)
+
+
+def run_sweep(
+    name: str,
+    title: str,
+    config: str,
+    data: str | Path,
+    out: str | Path,
+    variants: Sequence[Variant],
+    plot: Callable[[Path, list[VariantResult]], Path],
+    overrides: Sequence[str] = (),
+    *,
+    command: str,
+    check: Callable[[Config, str], None] | None = None,
+    notes: Sequence[str] = (),
+    split: str = "test",
+    protocol: str = "1k",
+    device: str | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Train and evaluate every variant of ``config`` (+ ``overrides``) into ``out``, then write
+    ``out/report.md`` (table, plot, what was run), ``out/report.json`` and the plot.
+
+    Every variant's config is built and ``check``-ed before the first training starts, so a bad
+    combination fails in seconds, not after the first runs.
+    """
+    data, out = Path(data), Path(out)
+    if not variants:
+        raise ConfigError(f"analyze {name}: nothing to run (no variants given)")
+    configs = []
+    for variant in variants:
+        source = f"{config} with --set {' '.join([*overrides, *variant.overrides])}"
+        resolved = load_config(config, [*overrides, *variant.overrides])
+        if check is not None:
+            check(resolved, source)
+        configs.append(resolved)
+    test = PrecompDataset(data, split, None)
+    device = device or str(default_device())
+    rows = []
+    bar = tqdm(
+        list(zip(variants, configs, strict=True)),
+        desc=f"analyze {name}",
+        unit="run",
+        disable=not progress,
+    )
+    for variant, resolved in bar:
+        bar.set_postfix_str(variant.label)
+        rows.append(_run_variant(variant, resolved, data, out, split, protocol, device, progress))
+    bar.close()
+    chance = None
+    if protocol != "5fold":
+        chance = chance_metrics(test.num_images, test.num_captions, test.cap2img)
+    table = markdown_table(rows, chance)
+    figure = plot(out / f"{name}.png", rows)
+    payload = {
+        "analysis": name,
+        "command": command,
+        "config": config,
+        "overrides": list(overrides),
+        "data": str(data),
+        "split": split,
+        "protocol": protocol,
+        "test_images": test.num_images,
+        "test_captions": test.num_captions,
+        "chance": chance,
+        "plot": figure.name,
+        "variants": [{**asdict(r), "run": str(r.run)} for r in rows],
+    }
+    report_json = out / "report.json"
+    atomic_write_text(report_json, json.dumps(payload, indent=1))
+    ran = [
+        f"- {r.label}: `{_train_command(config, data, r.run, [*overrides, *r.overrides])}` — "
+        f"{r.status}, {r.epochs_done}/{r.epochs} epochs"
+        + (", stopped at the time budget" if r.stopped_early else "")
+        + f", {duration(r.train_seconds)} of training in all; evaluated `{r.checkpoint}/`"
+        for r in rows
+    ]
+    text = "\n".join(
+        [
+            f"# imram analyze {name}: {title}",
+            "",
+            f"`{command}`",
+            "",
+            f"Config `{config}`"
+            + (f" with `{' '.join('--set ' + o for o in overrides)}`" if overrides else "")
+            + f"; data `{data}`, evaluated on split `{split}` ({test.num_images} images, "
+            f"{test.num_captions} captions), protocol {protocol}. R@K in %, rsum = sum of the "
+            "six recalls; dev rsum = the best validation rsum, whose checkpoint is evaluated.",
+            "",
+            table,
+            "",
+            f"![{title}]({figure.name})",
+            "",
+            "## What was run",
+            "",
+            *ran,
+            "",
+            "A re-run of the same command reuses finished runs, resumes interrupted ones and "
+            "evaluates a checkpoint only once.",
+            *(["", "## Notes", "", *notes] if notes else []),
+        ]
+    )
+    report_md = out / "report.md"
+    atomic_write_text(report_md, text + "\n")
+    return SweepResult(rows, table, figure, report_md, report_json)

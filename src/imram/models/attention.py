@@ -81,6 +81,11 @@ def attend(
     return result.view(c, q, n, -1)
 
 
+def at_least_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32 if it is in a 16-bit float type, else unchanged (fp64 stays fp64)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def fragment_cosine(base: Tensor, weights: Tensor, gram: Tensor, query_norm: Tensor) -> Tensor:
     """Cosine of each original query fragment with its attended context → ``[C, Q, n]``.
 
@@ -90,7 +95,9 @@ def fragment_cosine(base: Tensor, weights: Tensor, gram: Tensor, query_norm: Ten
     The denominator is clamped at EPS, as in the reference.
     """
     dots = (weights * base).sum(dim=-1)
-    squared = (torch.einsum("cqnm,cmk->cqnk", weights, gram) * weights).sum(dim=-1)
+    with torch.autocast(weights.device.type, enabled=False):  # the final score stays in fp32
+        w = at_least_fp32(weights)
+        squared = (torch.einsum("cqnm,cmk->cqnk", w, at_least_fp32(gram)) * w).sum(dim=-1)
     norms = query_norm[None] * squared.clamp_min(1e-30).sqrt()
     return dots / norms.clamp_min(EPS)
 

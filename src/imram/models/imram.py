@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from imram.config import ModelConfig
 from imram.models.attention import (
+    at_least_fp32,
     attend,
     attention_from_scores,
     fragment_cosine,
@@ -73,7 +74,9 @@ def prepare_query(query: Tensor, memory: MemoryDistillation | None, steps: int) 
 
 def prepare_context(context: Tensor, memory: MemoryDistillation | None, steps: int) -> ContextSide:
     """The per-context-item half of :func:`iterative_matching`."""
-    gram = context @ context.transpose(-1, -2)
+    with torch.autocast(context.device.type, enabled=False):  # once per item: keep it fp32
+        full = at_least_fp32(context)
+        gram = full @ full.transpose(-1, -2)
     if steps == 1 or memory is None:
         return ContextSide(context, gram, None)
     c_terms = memory.context_terms(context)

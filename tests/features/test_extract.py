@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import struct
 import zlib
 
@@ -251,3 +252,26 @@ def test_extractor_meta():
         "feature_dim": 1280,
         "background": [255, 255, 255],
     }
+
+
+def test_extractor_from_record_round_trips_and_names_the_bad_field():
+    from imram.errors import DataError
+    from imram.features.extract import extractor_from_record
+
+    config = ExtractorConfig(backbone="efficientnet_lite2", input_size=320, resize="stretch")
+    record = extractor_meta(config)
+    again = extractor_from_record(record, 1280, "meta.json")
+    assert (again.backbone, again.input_size, again.resize) == (
+        "efficientnet_lite2",
+        320,
+        "stretch",
+    )
+    cases = [
+        (None, "meta.json: no extractor entry"),
+        ({**record, "normalisation": "imagenet"}, "extractor.normalisation 'imagenet'"),
+        ({**record, "feature_dim": 2048}, "extractor.feature_dim is 2048, the model takes 1280-d"),
+        ({**record, "backbone": "resnet"}, "meta.json: extractor."),
+    ]
+    for entry, message in cases:
+        with pytest.raises(DataError, match=re.escape(message)):
+            extractor_from_record(entry, 1280, "meta.json")

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from imram.data.tuxpaint import cache_dir
-from imram.errors import ConfigError, DataError
-from imram.features.extract import NORMALISATION, ExtractorConfig, load_image
+from imram.errors import DataError
+from imram.features.extract import ExtractorConfig, extractor_from_record, load_image
 
 META = "meta.json"
 
@@ -41,33 +41,9 @@ def extractor_config(data: str | Path, img_dim: int) -> ExtractorConfig:
     Raises DataError naming ``meta.json`` and the field when the folder has no such record or
     it does not fit a model taking ``img_dim``-d regions.
     """
-    path = Path(data) / META
     meta = read_meta(data)
     entry = meta.get("extractor") if meta is not None else None
-    if not isinstance(entry, dict):
-        raise DataError(
-            f"{path}: no extractor entry (features not made by imram prepare), so an image "
-            "file cannot be turned into features the same way; pass an image of a split instead"
-        )
-    if entry.get("normalisation") != NORMALISATION:
-        raise DataError(
-            f"{path}: extractor.normalisation {entry.get('normalisation')!r} is not "
-            f"{NORMALISATION!r}"
-        )
-    if entry.get("feature_dim") != img_dim:
-        raise DataError(
-            f"{path}: extractor.feature_dim is {entry.get('feature_dim')!r}, the model takes "
-            f"{img_dim}-d regions"
-        )
-    try:
-        return ExtractorConfig(
-            backbone=entry.get("backbone"),
-            input_size=entry.get("input_size"),
-            batch_size=1,
-            resize=entry.get("resize"),
-        )
-    except ConfigError as err:
-        raise DataError(f"{path}: {err}") from None
+    return extractor_from_record(entry, img_dim, str(Path(data) / META))
 
 
 def region_grid(meta: dict[str, Any] | None, split: str, regions: int) -> tuple[int, int] | None:

@@ -179,6 +179,36 @@ def _decode(path: Path, config: ExtractorConfig) -> Image.Image:
     return _to_rgb(image)
 
 
+def extractor_from_record(entry: Any, img_dim: int, source: str) -> ExtractorConfig:
+    """The extractor a prepared folder's ``meta.json`` ``extractor`` record describes, so that a
+    query image is turned into features the same way; a DataError naming ``source`` and the
+    field when there is no record or it does not fit a model taking ``img_dim``-d regions."""
+    if not isinstance(entry, dict):
+        raise DataError(
+            f"{source}: no extractor entry (features not made by imram prepare), so an image "
+            "file cannot be turned into features the same way"
+        )
+    if entry.get("normalisation") != NORMALISATION:
+        raise DataError(
+            f"{source}: extractor.normalisation {entry.get('normalisation')!r} is not this "
+            f"imram's {NORMALISATION!r}"
+        )
+    if entry.get("feature_dim") != img_dim:
+        raise DataError(
+            f"{source}: extractor.feature_dim is {entry.get('feature_dim')!r}, the model takes "
+            f"{img_dim}-d regions"
+        )
+    try:
+        return ExtractorConfig(
+            backbone=entry.get("backbone"),
+            input_size=entry.get("input_size"),
+            batch_size=1,
+            resize=entry.get("resize"),
+        )
+    except ConfigError as err:
+        raise DataError(f"{source}: extractor.{err}") from None
+
+
 def load_image(path: str | Path, config: ExtractorConfig) -> torch.Tensor:
     """One image file as a float32 ``[3, S, S]`` tensor normalised as (rgb - 127) / 128.
 

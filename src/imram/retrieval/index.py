@@ -35,8 +35,8 @@ from tqdm import tqdm
 from imram.data.precomp import PrecompDataset, pad_captions
 from imram.errors import ConfigError, DataError
 from imram.features.extract import (
-    NORMALISATION,
     ExtractorConfig,
+    extractor_from_record,
     image_features,
     load_efficientnet_lite,
 )
@@ -706,35 +706,8 @@ class GalleryIndex:
 
     def extractor_config(self) -> ExtractorConfig:
         """How the gallery's features were made, so a query image is processed the same way."""
-        source = self.path / META_NAME
-        entry = self.extractor
-        if entry is None:
-            raise DataError(
-                f"{source}: the indexed data {self.meta['data']['root']} has no extractor entry "
-                f"in its {PRECOMP_META} (features not made by imram prepare), so an image file "
-                "cannot be embedded the same way; query by text or by gallery item instead"
-            )
-        if entry.get("normalisation") != NORMALISATION:
-            raise DataError(
-                f"{source}: data.extractor normalisation {entry.get('normalisation')!r} is not "
-                f"this imram's {NORMALISATION!r}"
-            )
-        try:
-            config = ExtractorConfig(
-                backbone=entry.get("backbone"),
-                input_size=entry.get("input_size"),
-                batch_size=1,
-                resize=entry.get("resize"),
-            )
-        except ConfigError as err:
-            raise DataError(f"{source}: data.{err}") from None
-        img_dim = self.checkpoint.config.model.img_dim
-        if entry.get("feature_dim") != img_dim:
-            raise DataError(
-                f"{source}: the extractor makes {entry.get('feature_dim')}-d features, the model "
-                f"takes {img_dim}-d"
-            )
-        return config
+        source = f"{self.path / META_NAME} (data {self.meta['data']['root']})"
+        return extractor_from_record(self.extractor, self.checkpoint.config.model.img_dim, source)
 
     @torch.inference_mode()
     def embed_image_file(self, image: str | Path) -> np.ndarray:

@@ -107,9 +107,11 @@ def test_resume_with_another_world_size(toy_data, tmp_path):
 def _sharded_worker(rank, pg, out, data):
     import torch.distributed as dist
 
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{pg}", rank=rank, world_size=2)
     try:
         torch.save(_score_three_batches(data), f"{out}.{rank}")
+        dist.barrier()  # neither rank leaves while the other still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -8,31 +8,19 @@ it, so that cell (r, c) of the grid covers the same pixels in the drawing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from imram.data.precomp import read_folder_meta
 from imram.data.tuxpaint import cache_dir
-from imram.errors import DataError
 from imram.features.extract import ExtractorConfig, extractor_from_record, load_image
 
 META = "meta.json"
 
 
-def read_meta(data: str | Path) -> dict[str, Any] | None:
-    """The folder's ``meta.json`` as a dict, None when there is none (e.g. SCAN's folders)."""
-    path = Path(data) / META
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable ({err})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return meta
+read_meta = read_folder_meta
 
 
 def extractor_config(data: str | Path, img_dim: int) -> ExtractorConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ FEATURE_NAMES = ("{split}_ims.npy", "{split}_feat.npy")
 CAPTIONS_NAME = "{split}_caps.txt"
 IDS_NAME = "{split}_ids.txt"
 CAP2IMG_NAME = "{split}_cap2img.npy"
+META_NAME = "meta.json"
 
 Item = tuple[Tensor, Tensor, int, int]
 
@@ -32,6 +34,21 @@ def _feature_candidates(root: Path, split: str) -> list[Path]:
 def _missing_split(root: Path, split: str, missing: Sequence[str]) -> DataError:
     where = f"{root}" if root.is_dir() else f"{root} (no such folder)"
     return DataError(f"{where}: split {split!r} not found: {' and '.join(missing)} missing")
+
+
+def read_folder_meta(root: str | Path) -> dict[str, Any] | None:
+    """A prepared folder's ``meta.json`` (``imram prepare``) as a dict; None when the folder has
+    none (e.g. SCAN's folders); a DataError naming the file when it is unreadable."""
+    path = Path(root) / META_NAME
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    return meta
 
 
 def find_features(root: str | Path, split: str) -> Path:

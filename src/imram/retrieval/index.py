@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from imram.data.precomp import PrecompDataset, pad_captions
+from imram.data.precomp import PrecompDataset, pad_captions, read_folder_meta
 from imram.errors import ConfigError, DataError
 from imram.features.extract import (
     ExtractorConfig,
@@ -48,7 +48,6 @@ GALLERIES = ("images", "captions")
 FILES = {"images": "images.faiss", "captions": "captions.faiss"}
 KINDS = ("flat", "ivf")
 WEIGHTS_NAME = "model.safetensors"
-PRECOMP_META = "meta.json"
 MAX_TRAIN = 100_000  # embeddings an IVF index's k-means sees at most (bounded memory)
 POINTS_PER_LIST = 256  # faiss's own cap on training points per list
 NPROBE_SHARE = 8  # default nprobe: one list in eight
@@ -320,14 +319,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def _data_extractor(root: Path) -> dict[str, Any] | None:
     """The ``extractor`` entry of a precomp folder's meta.json (``imram prepare``), if any."""
-    path = root / PRECOMP_META
-    if not path.is_file():
-        return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: unreadable ({err})") from None
-    extractor = meta.get("extractor") if isinstance(meta, dict) else None
+    meta = read_folder_meta(root)
+    extractor = meta.get("extractor") if meta is not None else None
     return extractor if isinstance(extractor, dict) else None
 
 

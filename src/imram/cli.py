@@ -37,7 +37,7 @@ def _vocab(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from imram.config import load_config
-    from imram.distributed import init_from_env, local_device, shutdown
+    from imram.distributed import local_device, process_group
     from imram.training.trainer import train
 
     source = args.config
@@ -46,14 +46,11 @@ def _train(args: argparse.Namespace) -> int:
             raise ConfigError("train needs --config (or --resume with an existing --out)")
         source = str(Path(args.out) / "config.yaml")
     config = load_config(source, args.set)
-    rank, world = init_from_env()  # torchrun: one process per rank, gloo on CPU, NCCL on GPU
-    try:
+    with process_group() as (rank, world):  # torchrun: gloo on CPU, NCCL on GPU
         device = args.device or (local_device() if world > 1 else None)
         result = train(
             config, args.data, args.out, args.vocab, args.resume, device, not args.no_progress
         )
-    finally:
-        shutdown()
     if rank != 0:
         return 0
     if result.interrupted:
@@ -143,13 +140,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _evaluate_rerank(args)
 
     from imram.data import PrecompDataset
-    from imram.distributed import init_from_env, local_device, shutdown
+    from imram.distributed import local_device, process_group
     from imram.evaluation import evaluate_model
     from imram.metrics import format_table
     from imram.training.trainer import default_device
 
-    rank, world = init_from_env()
-    try:
+    with process_group() as (rank, world):
         device = args.device or (local_device() if world > 1 else default_device())
         checkpoint = _load_model(args)
         dataset = PrecompDataset(args.data, args.split, checkpoint.vocab)
@@ -164,8 +160,6 @@ def _evaluate(args: argparse.Namespace) -> int:
             against_fp32=args.against_fp32,
             progress=not args.no_progress and rank == 0,
         )
-    finally:
-        shutdown()
     if rank != 0:
         return 0
     title = f"{checkpoint.config.model.name} on {args.split} ({args.protocol}, {args.precision})"

@@ -35,9 +35,21 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """``(rank, world size)`` inside the group ``torchrun`` describes (:func:`init_from_env`),
+    left when the block ends. After a normal end the ranks first meet at a barrier: a rank that
+    tears gloo down while a peer is still connected can abort at exit ("terminate called
+    without an active exception"). After an error the group is only destroyed, since the other
+    ranks may be inside another collective."""
+    rank, world_size = init_from_env()
+    try:
+        yield rank, world_size
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
@@ -134,10 +146,5 @@ def gather_uneven(local: torch.Tensor) -> torch.Tensor:
     count = torch.tensor([local.shape[0]], device=local.device)
     counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
     dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
-    width = max(sizes)
-    padded = local.new_zeros((width, *local.shape[1:]))
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+    with torch.no_grad():
+        return gather_rows(local, [int(c.item()) for c in counts])

@@ -101,14 +101,13 @@ def equal_time_section(rows: list[dict[str, Any]], first: str, second: str) -> l
         "| model | samples/s | " + " | ".join(f"by {t / 60:.2f} min" for t in marks) + " |",
         "|---|---|" + "---|" * len(marks),
     ]
-    for r, total in zip(runs, totals, strict=True):
-        rate = r["train_samples"] / total if total else 0.0
+    rates = [r["train_samples"] / t for r, t in zip(runs, totals, strict=True)]
+    for r, rate in zip(runs, rates, strict=True):
         cells = " | ".join(cell(best_by(r["curve"], t)) for t in marks)
         lines.append(f"| {r['model']} | {rate:.0f} | {cells} |")
     short = min(totals)
     ahead_short = (best_by(runs[0]["curve"], short) or 0) > (best_by(runs[1]["curve"], short) or 0)
     long_first, long_second = (best_by(r["curve"], max(totals)) or 0 for r in runs)
-    rates = [r["train_samples"] / t for r, t in zip(runs, totals, strict=True)]
     lines.append("")
     if ahead_short and long_first > long_second:
         lines.append(f"{first} is ahead at equal training time.")

@@ -17,6 +17,7 @@ from imram.models import build_model
 from imram.training.checkpoint import (
     import_release_checkpoint,
     load_checkpoint,
+    recover_swap,
     save_checkpoint,
 )
 
@@ -46,6 +47,19 @@ def test_round_trip(tmp_path):
     assert torch.equal(_scores(loaded.model), _scores(model.eval()))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp or old dirs left
     assert not any(b"pickle" in p.read_bytes()[:64] for p in (tmp_path / "ck").iterdir())
+
+
+def test_a_crash_inside_the_swap_is_recovered(tmp_path):
+    """Killed between the two renames, only ``.ck.old`` holds the checkpoint: loading finds
+    it, and ``recover_swap`` (run by a resume) puts it back in place; otherwise it does nothing."""
+    config = Config.from_dict({"model": {"name": "imram_full", **SMALL}})
+    save_checkpoint(tmp_path / "ck", build_model(config.model), config, VOCAB, {"epoch": 2})
+    os.replace(tmp_path / "ck", tmp_path / ".ck.old")
+    assert load_checkpoint(tmp_path / "ck").state == {"epoch": 2}
+    recover_swap(tmp_path / "ck")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    recover_swap(tmp_path / "ck")  # nothing to recover
+    assert load_checkpoint(tmp_path / "ck").state == {"epoch": 2}
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):

@@ -68,6 +68,19 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, layout: 
     optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
 
 
+def _swapped_out(path: Path) -> Path:
+    """Where :func:`save_checkpoint` moves the previous ``path`` while it swaps in the new one."""
+    return path.parent / f".{path.name}.old"
+
+
+def recover_swap(path: str | Path) -> None:
+    """Put ``path`` back if a crash fell between the two renames of a checkpoint swap."""
+    path = Path(path)
+    old = _swapped_out(path)
+    if not (path / "checkpoint.json").is_file() and (old / "checkpoint.json").is_file():
+        os.replace(old, path)
+
+
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -99,7 +112,7 @@ def save_checkpoint(
         for child in tmp.iterdir():
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
-        old = path.parent / f".{path.name}.old"
+        old = _swapped_out(path)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -119,7 +132,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for name in ("best", "last"):
         if (path / name / "checkpoint.json").is_file():
             return path / name
-    old = path.parent / f".{path.name}.old"
+    old = _swapped_out(path)
     if (old / "checkpoint.json").is_file():  # a crash between the two renames of a swap
         return old
     raise DataError(f"{path}: no checkpoint here (looked for checkpoint.json, best/, last/)")

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from imram.data import PrecompDataset
+from imram.data.precomp import CAP2IMG_NAME, IDS_NAME
 from imram.data.text import atomic_write_text
 from imram.errors import DataError
 
 MANIFEST = "manifest.json"
 _CHUNK = 8 << 20
+OPTIONAL = (CAP2IMG_NAME, IDS_NAME)  # a split's files read only where present
 
 
 def data_files(*datasets: PrecompDataset) -> list[Path]:
@@ -27,8 +29,7 @@ def data_files(*datasets: PrecompDataset) -> list[Path]:
     the caption-to-image map and the ids."""
     files: list[Path] = []
     for dataset in datasets:
-        stem = dataset.root / dataset.split
-        extra = [Path(f"{stem}_cap2img.npy"), Path(f"{stem}_ids.txt")]
+        extra = [dataset.root / name.format(split=dataset.split) for name in OPTIONAL]
         files += [dataset.features_path, dataset.captions_path, *(p for p in extra if p.is_file())]
     return files
 
@@ -65,9 +66,10 @@ def read_manifest(run: Path) -> dict[str, Any] | None:
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        manifest["files"].items()
-    except (ValueError, KeyError, AttributeError, TypeError) as err:
+    except ValueError as err:
         raise DataError(f"{path}: unreadable manifest ({err})") from None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)):
+        raise DataError(f"{path}: unreadable manifest (expected an object with 'files')")
     return manifest
 
 

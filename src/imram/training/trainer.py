@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -43,6 +42,7 @@ from imram.training.checkpoint import (
     load_trainer_state,
     load_weights,
     read_meta,
+    recover_swap,
     save_checkpoint,
 )
 from imram.training.loss import triplet_loss
@@ -141,13 +141,6 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
-def _recover_swap(last_dir: Path) -> None:
-    """Put back ``last/`` if a crash fell between the two renames of a checkpoint swap."""
-    old = last_dir.parent / f".{last_dir.name}.old"
-    if not (last_dir / "checkpoint.json").is_file() and (old / "checkpoint.json").is_file():
-        os.replace(old, last_dir)
-
-
 def batch_scores(
     model: torch.nn.Module,
     batch: PrecompBatch,
@@ -210,7 +203,7 @@ def train(
     last_dir, best_dir = run / "last", run / "best"
     if resume:
         if lead:
-            _recover_swap(last_dir)
+            recover_swap(last_dir)
         barrier()
         if not (last_dir / "checkpoint.json").is_file():
             raise DataError(f"{run}: nothing to resume (no last/checkpoint.json)")

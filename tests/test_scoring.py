@@ -173,3 +173,36 @@ def test_bf16_autocast_scores_track_fp32(aggregator):
             bf16 = block_similarity(model, img, cap, lengths)
     assert bf16.dtype in (torch.bfloat16, torch.float32)
     assert (bf16.float() - fp32).abs().max().item() < 0.1
+
+def test_bf16_keeps_what_decides_rankings_in_fp32():
+    """Under bf16 autocast the step-1 raw scores, the norm, the softmax and every final cosine
+    stay in fp32; only the memory updates' products run in bf16. So the first step's score is
+    the fp32 one, and a one-step model (SCAN) scores exactly as in fp32."""
+    from imram.precision import autocast
+
+    torch.manual_seed(0)
+    model = build_model("imram_full", steps=3, **SMALL).eval()
+    lengths = torch.randint(2, 12, (6,))
+    with torch.no_grad():
+        img = model.encode_images(torch.randn(4, 5, 10))
+        cap = model.encode_captions(torch.randint(4, 30, (6, 12)), lengths)
+        fp32 = model.step_scores(img, cap, lengths)
+        with autocast("bf16", "cpu"):
+            low = model.step_scores(img, cap, lengths)
+            traces = model.explain(img, cap, lengths)
+    assert low.dtype == torch.float32
+    assert torch.allclose(low[..., 0], fp32[..., 0], rtol=0, atol=1e-6)
+    assert 0 < (low[..., 1:] - fp32[..., 1:]).abs().max() < 0.05
+    for trace in traces.values():
+        assert all(w.dtype == torch.float32 for w in trace.attention)
+        assert trace.fragment_scores.dtype == torch.float32
+
+    scan = build_model("scan_t2i", **SMALL).eval()
+    with torch.no_grad():
+        img, cap = scan.encode_images(torch.randn(4, 5, 10)), scan.encode_captions(
+            torch.randint(4, 30, (6, 12)), lengths
+        )
+        exact = block_similarity(scan, img, cap, lengths)
+        with autocast("bf16", "cpu"):
+            assert torch.equal(block_similarity(scan, img, cap, lengths), exact)
+

@@ -114,6 +114,41 @@ GRADIENT_CASES = (
 )
 
 
+def _parameter_gradients(model, scorer, features, tokens):
+    """Gradients of :func:`_training_loss` through the encoders and ``scorer``, by parameter."""
+    model.zero_grad()
+    img = model.encode_images(features.to(next(model.parameters()).dtype))
+    cap = model.encode_captions(tokens, LENGTHS)
+    _training_loss(scorer(model, img, cap)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _reference(model, img, cap):
+    return reference_similarity(model, img, cap, LENGTHS)
+
+
+def _fp32_sensitivity(model, features, tokens, truth, draws=3):
+    """How far the exact (fp64) gradient moves, per parameter, when every weight and feature
+    is perturbed by up to half an fp32 ulp (relative 2⁻²⁴): the error that merely storing the
+    problem in fp32 causes, and so a floor for any fp32 computation of it, the reference's too."""
+    gen = torch.Generator().manual_seed(100)
+    moved = dict.fromkeys(truth, 0.0)
+    for _ in range(draws):
+
+        def nudge(x):
+            noise = 2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1
+            return x * (1 + 2.0**-24 * noise)
+
+        nudged = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in nudged.parameters():
+                p.copy_(nudge(p))
+        grads = _parameter_gradients(nudged, _reference, nudge(features), tokens)
+        for key, expected in truth.items():
+            moved[key] = max(moved[key], (grads[key] - expected).abs().max().item())
+    return moved
+
+
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["kept", "checkpointed"])
 @pytest.mark.parametrize("name,overrides", GRADIENT_CASES)
 def test_training_gradients_match_reference(name, overrides, checkpoint):
@@ -121,43 +156,35 @@ def test_training_gradients_match_reference(name, overrides, checkpoint):
     activation checkpointing, the hinge loss) against the plain per-pair reference.
 
     fp64: equal to 1e-10, so the restructured computation is the same function with the same
-    gradient. fp32: within 1e-5 (relative to the largest gradient entry) of the fp64 truth, or
-    about as close as the plain reference's own fp32 gradient is: these tiny random models have
-    ill-conditioned entries (a near-zero attention norm divides), where any two summation
-    orders differ by more than 1e-5, the reference included.
+    gradient. fp32: within 1e-5 of the reference's own fp32 gradient, or, where the problem is
+    worse conditioned than that, within 4x its sensitivity to fp32 rounding of the inputs
+    (:func:`_fp32_sensitivity`). On these small random models the text branch's gradient moves
+    by ~1e-4 when the weights are merely stored in fp32, so no fp32 computation can do better;
+    the plain reference's own fp32 gradient lies up to ~16x that sensitivity from the truth.
     """
     exact = _model(name, torch.float64, **overrides)
     features, tokens = _raw(torch.float64, seed=1, n_images=len(LENGTHS))
-
-    def run(model, scorer):
-        model.zero_grad()
-        dtype = next(model.parameters()).dtype
-        img = model.encode_images(features.to(dtype))
-        cap = model.encode_captions(tokens, LENGTHS)
-        _training_loss(scorer(model, img, cap)).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    features = features.float().double()  # exactly representable in fp32, like the weights
 
     def training(m, i, c):
         return block_similarity(m, i, c, LENGTHS, max_pairs=6, checkpoint=checkpoint)
 
-    def plain(m, i, c):
-        return reference_similarity(m, i, c, LENGTHS)
-
-    truth = run(exact, plain)
+    truth = _parameter_gradients(exact, _reference, features, tokens)
     rounded = copy.deepcopy(exact).float()
-    grads = {"fp64": run(exact, training), "fp32": run(rounded, training)}
-    reference32 = run(rounded, plain)
-    assert grads["fp64"].keys() == truth.keys() == grads["fp32"].keys()
+    fp64 = _parameter_gradients(exact, training, features, tokens)
+    fp32 = _parameter_gradients(rounded, training, features, tokens)
+    reference32 = _parameter_gradients(rounded, _reference, features, tokens)
+    assert fp64.keys() == truth.keys() == fp32.keys() == reference32.keys()
     assert any(n.startswith("text_encoder.gru") for n in truth)
     if name != "vsepp" and exact.config.steps > 1 and exact.config.aggregator != "add":
         assert any("memory" in n for n in truth)
+    sensitivity = _fp32_sensitivity(exact, features, tokens, truth)
     for key, expected in truth.items():
         scale = max(1.0, expected.abs().max().item())
-        assert torch.isfinite(grads["fp32"][key]).all(), key
-        assert (grads["fp64"][key] - expected).abs().max().item() <= 1e-10 * scale, key
-        own = (reference32[key].double() - expected).abs().max().item()
-        error = (grads["fp32"][key].double() - expected).abs().max().item()
-        assert error <= max(1e-5 * scale, 2 * own), key
+        assert (fp64[key] - expected).abs().max().item() <= 1e-10 * scale, key
+        assert torch.isfinite(fp32[key]).all(), key
+        error = (fp32[key] - reference32[key]).abs().max().item()
+        assert error <= max(1e-5, 4 * sensitivity[key]), (key, error, sensitivity[key])
 
 
 def test_padding_is_invisible():

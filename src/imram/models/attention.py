@@ -33,7 +33,8 @@ def attention_from_scores(
 
     Masks are boolean, True on real fragments: ``query_mask [Q, n]``, ``context_mask [C, m]``.
     Padded queries are left out of the query-axis norm; padded context fragments get exactly
-    zero weight. Returns weights ``[C, Q, n, m]``.
+    zero weight. Returns weights ``[C, Q, n, m]``, in fp32 at least: scores from a bf16/fp16
+    product are widened first, since the norm and the softmax decide the ranking.
 
     Without autograd two faster forms of the same values are used: the norm as a root of a
     sum of squares (``vector_norm`` over an inner axis is an order of magnitude slower), and,
@@ -41,6 +42,7 @@ def attention_from_scores(
     softmax as ``exp(λ·s̄ − |λ|) / Σ exp(λ·s̄ − |λ|)``, which cannot overflow and is several
     times faster than ``softmax`` over the short context axis of captions.
     """
+    scores = at_least_fp32(scores)
     if norm == "clipped_l2norm":
         scores = F.leaky_relu(scores, 0.1)
     else:
@@ -53,7 +55,7 @@ def attention_from_scores(
     else:
         column_norm = torch.linalg.vector_norm(scores, dim=2, keepdim=True)
     scale = lam / (column_norm + EPS)
-    if not fast or scores.dtype not in (torch.float32, torch.float64) or abs(lam) > 40:
+    if not fast or abs(lam) > 40:
         logits = scores * scale
         if context_mask is not None:
             logits = logits.masked_fill(~context_mask[:, None, None, :], float("-inf"))
@@ -94,9 +96,9 @@ def fragment_cosine(base: Tensor, weights: Tensor, gram: Tensor, query_norm: Ten
     ``gram [C, m, m]`` — no ``[C, Q, n, d]`` tensor is formed. ``query_norm`` is ``[Q, n]``.
     The denominator is clamped at EPS, as in the reference.
     """
-    dots = (weights * base).sum(dim=-1)
     with torch.autocast(weights.device.type, enabled=False):  # the final score stays in fp32
         w = at_least_fp32(weights)
+        dots = (w * at_least_fp32(base)).sum(dim=-1)
         squared = (torch.einsum("cqnm,cmk->cqnk", w, at_least_fp32(gram)) * w).sum(dim=-1)
     norms = query_norm[None] * squared.clamp_min(1e-30).sqrt()
     return dots / norms.clamp_min(EPS)

@@ -113,7 +113,8 @@ def iterative_matching(
         raise ValueError("more than one step needs a memory distillation unit")
     q = query if isinstance(query, QuerySide) else prepare_query(query, memory, steps)
     ctx = context if isinstance(context, ContextSide) else prepare_context(context, memory, steps)
-    base = raw_scores(q.emb, ctx.emb)  # x⁽⁰⁾ · y, reused by every step's cosine
+    with torch.autocast(q.emb.device.type, enabled=False):  # in every final score: fp32
+        base = raw_scores(at_least_fp32(q.emb), at_least_fp32(ctx.emb))  # x⁽⁰⁾ · y
     current = q.emb
     scores, weights_per_step, fragments = [], [], []
     for k in range(steps):

@@ -78,12 +78,18 @@ class MemoryDistillation(nn.Module):
             cache[name] = (key, build())
         return cache[name][1]
 
-    def query_weight(self) -> Tensor | None:
-        """``W_x`` of every map stacked ``[k, d]``, or None when no map reads the query."""
+    def query_weight(self, dtype: torch.dtype | None = None) -> Tensor | None:
+        """``W_x`` of every map stacked ``[k, d]`` (cast to ``dtype`` if given), or None when no
+        map reads the query."""
         if self.aggregator in ("add", "mlp"):
             return None
         d = self.dim
-        return self._stacked("wx", lambda: torch.cat([m.weight[:, :d] for m in self._maps()]))
+
+        def build() -> Tensor:
+            stacked = torch.cat([m.weight[:, :d] for m in self._maps()])
+            return stacked if dtype is None else stacked.to(dtype)
+
+        return self._stacked(f"wx_{dtype}", build)
 
     def query_terms(self, x: Tensor, add_to: Tensor | None = None) -> Tensor | None:
         """``W_x x`` of every map (``[..., k]``), added to ``add_to`` in the same GEMM if given.
@@ -99,7 +105,8 @@ class MemoryDistillation(nn.Module):
         if not torch.is_grad_enabled() and add_to.is_contiguous():
             # In-place ops are not autocast: match the dtype autocast gave ``add_to``.
             dtype = add_to.dtype
-            add_to.view(-1, weight.shape[0]).addmm_(flat_x.to(dtype), weight.T.to(dtype))
+            weight = self.query_weight(dtype)
+            add_to.view(-1, weight.shape[0]).addmm_(flat_x.to(dtype), weight.T)
             return add_to
         flat = torch.addmm(add_to.reshape(-1, weight.shape[0]), flat_x, weight.T)
         return flat.view(add_to.shape)

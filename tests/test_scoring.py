@@ -174,6 +174,7 @@ def test_bf16_autocast_scores_track_fp32(aggregator):
     assert bf16.dtype in (torch.bfloat16, torch.float32)
     assert (bf16.float() - fp32).abs().max().item() < 0.1
 
+
 def test_bf16_keeps_what_decides_rankings_in_fp32():
     """Under bf16 autocast the step-1 raw scores, the norm, the softmax and every final cosine
     stay in fp32; only the memory updates' products run in bf16. So the first step's score is
@@ -199,10 +200,10 @@ def test_bf16_keeps_what_decides_rankings_in_fp32():
 
     scan = build_model("scan_t2i", **SMALL).eval()
     with torch.no_grad():
-        img, cap = scan.encode_images(torch.randn(4, 5, 10)), scan.encode_captions(
-            torch.randint(4, 30, (6, 12)), lengths
+        img, cap = (
+            scan.encode_images(torch.randn(4, 5, 10)),
+            scan.encode_captions(torch.randint(4, 30, (6, 12)), lengths),
         )
         exact = block_similarity(scan, img, cap, lengths)
         with autocast("bf16", "cpu"):
             assert torch.equal(block_similarity(scan, img, cap, lengths), exact)
-

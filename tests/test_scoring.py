@@ -200,10 +200,8 @@ def test_bf16_keeps_what_decides_rankings_in_fp32():
 
     scan = build_model("scan_t2i", **SMALL).eval()
     with torch.no_grad():
-        img, cap = (
-            scan.encode_images(torch.randn(4, 5, 10)),
-            scan.encode_captions(torch.randint(4, 30, (6, 12)), lengths),
-        )
+        img = scan.encode_images(torch.randn(4, 5, 10))
+        cap = scan.encode_captions(torch.randint(4, 30, (6, 12)), lengths)
         exact = block_similarity(scan, img, cap, lengths)
         with autocast("bf16", "cpu"):
             assert torch.equal(block_similarity(scan, img, cap, lengths), exact)

@@ -38,6 +38,12 @@ def test_quickstart_writes_a_report_of_three_models_beside_chance(tmp_path):
     payload = json.loads(result.report_json.read_text())
     assert [m["model"] for m in payload["models"]] == [label for label, _ in MODELS]
     assert payload["test_images"] == test.num_images
+    lines = (out / "tuxpaint_precomp" / "train_caps.txt").read_text().splitlines()
+    assert payload["train_data"] == {
+        "images": counts["train"],
+        "captions_per_image": len(lines) / counts["train"],
+        "words_per_caption": sum(len(line.split()) for line in lines) / len(lines),
+    }
     for model in payload["models"]:
         assert 0 <= model["metrics"]["rsum"] <= 600 and model["curve"][0]["epoch"] == 1
     text = result.report_md.read_text()
@@ -84,7 +90,13 @@ def test_equal_time_verdicts():
 
     fast_worse = _run("B", [(6, 250), (12, 320)])
     verdict = equal_time_section([slow_better, fast_worse], "A", "B")[-1]
-    assert "peaked at 300 against 320, so more time alone would not close the gap" in verdict
+    assert verdict.endswith(
+        "peaked at 300 against 320, so more time alone would not close the gap on this data."
+    )
+    data = {"images": 380, "captions_per_image": 1.0, "words_per_caption": 2.96}
+    verdict = equal_time_section([slow_better, fast_worse], "A", "B", data)[-1]
+    assert "this data. Its 380 training pictures have 1.0 descriptions each, 3.0 words" in verdict
+    assert verdict.endswith("which is what would put it ahead.")
 
     fast_better = _run("A", [(6, 270), (12, 280)])
     assert equal_time_section([fast_better, fast], "A", "B")[-1] == (

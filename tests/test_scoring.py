@@ -178,7 +178,8 @@ def test_bf16_autocast_scores_track_fp32(aggregator):
 def test_bf16_keeps_what_decides_rankings_in_fp32():
     """Under bf16 autocast the step-1 raw scores, the norm, the softmax and every final cosine
     stay in fp32; only the memory updates' products run in bf16. So the first step's score is
-    the fp32 one, and a one-step model (SCAN) scores exactly as in fp32."""
+    the fp32 one, and a one-step model (SCAN) or a dot product of item vectors (VSE++, MEMBER)
+    scores exactly as in fp32."""
     from imram.precision import autocast
 
     torch.manual_seed(0)
@@ -198,10 +199,11 @@ def test_bf16_keeps_what_decides_rankings_in_fp32():
         assert all(w.dtype == torch.float32 for w in trace.attention)
         assert trace.fragment_scores.dtype == torch.float32
 
-    scan = build_model("scan_t2i", **SMALL).eval()
-    with torch.no_grad():
-        img = scan.encode_images(torch.randn(4, 5, 10))
-        cap = scan.encode_captions(torch.randint(4, 30, (6, 12)), lengths)
-        exact = block_similarity(scan, img, cap, lengths)
-        with autocast("bf16", "cpu"):
-            assert torch.equal(block_similarity(scan, img, cap, lengths), exact)
+    for name in ("scan_t2i", "vsepp", "member"):  # one step, or one vector per item
+        other = build_model(name, **SMALL).eval()
+        with torch.no_grad():
+            img = other.encode_images(torch.randn(4, 5, 10))
+            cap = other.encode_captions(torch.randint(4, 30, (6, 12)), lengths)
+            exact = block_similarity(other, img, cap, lengths)
+            with autocast("bf16", "cpu"):
+                assert torch.equal(block_similarity(other, img, cap, lengths), exact), name

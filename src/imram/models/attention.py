@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from imram.models.encoders import EPS, l2norm
+from imram.precision import at_least_fp32
 
 
 def raw_scores(query: Tensor, context: Tensor, sim: str = "dot") -> Tensor:
@@ -81,11 +82,6 @@ def attend(
         add = add.reshape(1, q * n, -1).to(values.dtype)
         result = torch.baddbmm(add, flat, values, out=target)
     return result.view(c, q, n, -1)
-
-
-def at_least_fp32(x: Tensor) -> Tensor:
-    """``x`` in fp32 if it is in a 16-bit float type, else unchanged (fp64 stays fp64)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def fragment_cosine(base: Tensor, weights: Tensor, gram: Tensor, query_norm: Tensor) -> Tensor:

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from imram.precision import at_least_fp32
+
 if TYPE_CHECKING:
     from imram.config import ModelConfig
 
@@ -18,6 +20,13 @@ EPS = 1e-8
 def l2norm(x: Tensor, dim: int = -1, eps: float = EPS) -> Tensor:
     """``x / (‖x‖ + eps)``; zero vectors (padding) stay zero and get zero gradient."""
     return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
+
+
+def dot_scores(image_emb: Tensor, caption_emb: Tensor) -> Tensor:
+    """``[n_images, n_captions]`` dot products of one vector per item, in fp32 even under
+    autocast: they are the final scores, and bf16's 8-bit mantissa would tie scores ~1e-3 apart."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        return at_least_fp32(image_emb) @ at_least_fp32(caption_emb).T
 
 
 def length_mask(lengths: Tensor, max_len: int) -> Tensor:

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from imram.config import ModelConfig
 from imram.models.attention import (
-    at_least_fp32,
     attend,
     attention_from_scores,
     fragment_cosine,
@@ -19,6 +18,7 @@ from imram.models.attention import (
 from imram.models.encoders import build_encoders, length_mask
 from imram.models.memory import MemoryDistillation
 from imram.models.workspace import scratch
+from imram.precision import at_least_fp32
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from imram.config import ModelConfig
-from imram.models.encoders import build_encoders, l2norm, length_mask, masked_mean
+from imram.models.encoders import build_encoders, dot_scores, l2norm, length_mask, masked_mean
 
 
 class VSEPP(nn.Module):
@@ -34,4 +34,4 @@ class VSEPP(nn.Module):
         self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
     ) -> Tensor:
         """``[n_images, n_captions]`` dot products (``lengths`` only keeps the common signature)."""
-        return image_emb @ caption_emb.T
+        return dot_scores(image_emb, caption_emb)

@@ -158,9 +158,10 @@ def test_training_gradients_match_reference(name, overrides, checkpoint):
     fp64: equal to 1e-10, so the restructured computation is the same function with the same
     gradient. fp32: within 1e-5 of the reference's own fp32 gradient, or, where the problem is
     worse conditioned than that, within 4x its sensitivity to fp32 rounding of the inputs
-    (:func:`_fp32_sensitivity`). On these small random models the text branch's gradient moves
-    by ~1e-4 when the weights are merely stored in fp32, so no fp32 computation can do better;
-    the plain reference's own fp32 gradient lies up to ~16x that sensitivity from the truth.
+    (:func:`_fp32_sensitivity`) or twice the reference's own distance from the fp64 truth. On
+    these small random models the text branch's gradient moves by ~1e-4 when the weights are
+    merely stored in fp32, so no fp32 computation can do better; the plain reference's own fp32
+    gradient lies up to ~16x that sensitivity from the truth.
     """
     exact = _model(name, torch.float64, **overrides)
     features, tokens = _raw(torch.float64, seed=1, n_images=len(LENGTHS))
@@ -184,7 +185,8 @@ def test_training_gradients_match_reference(name, overrides, checkpoint):
         assert (fp64[key] - expected).abs().max().item() <= 1e-10 * scale, key
         assert torch.isfinite(fp32[key]).all(), key
         error = (fp32[key] - reference32[key]).abs().max().item()
-        assert error <= max(1e-5, 4 * sensitivity[key]), (key, error, sensitivity[key])
+        own = (reference32[key].double() - expected).abs().max().item()
+        assert error <= max(1e-5, 4 * sensitivity[key], 2 * own), (key, error, sensitivity[key])
 
 
 def test_padding_is_invisible():

@@ -175,7 +175,8 @@ def test_bf16_autocast_scores_track_fp32(aggregator):
     assert (bf16.float() - fp32).abs().max().item() < 0.1
 
 
-def test_bf16_keeps_what_decides_rankings_in_fp32():
+@pytest.mark.parametrize("sim", ["dot", "cosine"])
+def test_bf16_keeps_what_decides_rankings_in_fp32(sim):
     """Under bf16 autocast the step-1 raw scores, the norm, the softmax and every final cosine
     stay in fp32; only the memory updates' products run in bf16. So the first step's score is
     the fp32 one, and a one-step model (SCAN) or a dot product of item vectors (VSE++, MEMBER)
@@ -183,7 +184,7 @@ def test_bf16_keeps_what_decides_rankings_in_fp32():
     from imram.precision import autocast
 
     torch.manual_seed(0)
-    model = build_model("imram_full", steps=3, **SMALL).eval()
+    model = build_model("imram_full", steps=3, attn_sim=sim, **SMALL).eval()
     lengths = torch.randint(2, 12, (6,))
     with torch.no_grad():
         img = model.encode_images(torch.randn(4, 5, 10))

@@ -113,12 +113,14 @@ def iterative_matching(
         raise ValueError("more than one step needs a memory distillation unit")
     q = query if isinstance(query, QuerySide) else prepare_query(query, memory, steps)
     ctx = context if isinstance(context, ContextSide) else prepare_context(context, memory, steps)
-    with torch.autocast(q.emb.device.type, enabled=False):  # in every final score: fp32
-        base = raw_scores(at_least_fp32(q.emb), at_least_fp32(ctx.emb))  # x⁽⁰⁾ · y
+    with torch.autocast(q.emb.device.type, enabled=False):  # per item, in every score: fp32
+        query32, context32 = at_least_fp32(q.emb), at_least_fp32(ctx.emb)
+        base = raw_scores(query32, context32)  # x⁽⁰⁾ · y, reused by every step's cosine
+        step1 = base if sim == "dot" else raw_scores(query32, context32, sim)
     current = q.emb
     scores, weights_per_step, fragments = [], [], []
     for k in range(steps):
-        raw = base if (k == 0 and sim == "dot") else raw_scores(current, ctx.emb, sim)
+        raw = step1 if k == 0 else raw_scores(current, ctx.emb, sim)
         weights = attention_from_scores(raw, lam, norm, query_mask, context_mask)
         cosines = fragment_cosine(base, weights, ctx.gram, q.norm)
         scores.append(pool_fragments(cosines, query_mask, pooling, lambda_lse))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from imram.analysis.plots import DISTINCT_LINES, line_chart
 from imram.analysis.pos import CLASSES, word_classes
+from imram.analysis.report import AnalysisReport
 from imram.analysis.traces import TextTrace, check_regions, load_text_checkpoint, text_traces
 from imram.data import PrecompDataset
 from imram.data.text import atomic_write_text, tokenize
@@ -86,18 +87,11 @@ class SalientCounts:
         }
 
 
-@dataclass
-class SalientResult:
+@dataclass(kw_only=True)
+class SalientResult(AnalysisReport):
     """What ``salient_analysis`` wrote, and the counts behind it."""
 
     counts: SalientCounts
-    table: str
-    plot: Path
-    report_md: Path
-    report_json: Path
-
-    def summary(self) -> str:
-        return f"{self.table}\nwrote {self.report_md}, {self.report_json} and {self.plot}"
 
 
 def markdown_table(counts: SalientCounts) -> str:
@@ -216,7 +210,9 @@ def salient_analysis(
     )
     report_md = out / "report.md"
     atomic_write_text(report_md, text + "\n")
-    return SalientResult(counts, table, plot, report_md, report_json)
+    return SalientResult(
+        counts=counts, table=table, plot=plot, report_md=report_md, report_json=report_json
+    )
 
 
 def _example(

@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from imram.analysis.report import AnalysisReport
 from imram.config import Config, load_config
 from imram.data import PrecompDataset
 from imram.data.text import SPECIALS, atomic_write_text
@@ -68,18 +69,11 @@ class VariantResult:
     metrics: dict[str, float]
 
 
-@dataclass
-class SweepResult:
-    """What a sweep wrote: the markdown table, the plot, ``report.md`` and ``report.json``."""
+@dataclass(kw_only=True)
+class SweepResult(AnalysisReport):
+    """What a sweep wrote, and the variants behind it."""
 
     rows: list[VariantResult]
-    table: str
-    plot: Path
-    report_md: Path
-    report_json: Path
-
-    def summary(self) -> str:
-        return f"{self.table}\nwrote {self.report_md}, {self.report_json} and {self.plot}"
 
 
 def require_imram(config: Config, source: str, what: str) -> None:
@@ -340,4 +334,6 @@ def run_sweep(
     )
     report_md = out / "report.md"
     atomic_write_text(report_md, text + "\n")
-    return SweepResult(rows, table, figure, report_md, report_json)
+    return SweepResult(
+        rows=rows, table=table, plot=figure, report_md=report_md, report_json=report_json
+    )

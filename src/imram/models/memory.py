@@ -105,7 +105,8 @@ class MemoryDistillation(nn.Module):
         if not torch.is_grad_enabled() and add_to.is_contiguous():
             # In-place ops are not autocast: match the dtype autocast gave ``add_to``.
             dtype = add_to.dtype
-            weight = self.query_weight(dtype)
+            if weight.dtype != dtype:
+                weight = self.query_weight(dtype)
             add_to.view(-1, weight.shape[0]).addmm_(flat_x.to(dtype), weight.T)
             return add_to
         flat = torch.addmm(add_to.reshape(-1, weight.shape[0]), flat_x, weight.T)

@@ -139,12 +139,14 @@ def test_gallery_streams_to_memmap_and_topk(tmp_path, name, budget_mb, image_blo
     )
     out.flush()
     assert np.allclose(np.load(tmp_path / "sims.npy"), whole.numpy(), atol=1e-6)
-    rows = torch.topk(whole, 4, dim=1)
-    assert torch.allclose(result.captions_per_image.scores, rows.values, atol=1e-6)
-    assert torch.equal(result.captions_per_image.indices, rows.indices)
-    cols = torch.topk(whole.T, 4, dim=1)
-    assert torch.allclose(result.images_per_caption.scores, cols.values, atol=1e-6)
-    assert torch.equal(result.images_per_caption.indices, cols.indices)
+    # Blocks of other shapes round scores differently (a few ulp), so two items that tie to
+    # within that may swap places: the returned items must hold the top-k scores of the whole
+    # matrix, not necessarily torch.topk's indices.
+    for best, matrix in ((result.captions_per_image, whole), (result.images_per_caption, whole.T)):
+        expected = torch.topk(matrix, 4, dim=1).values
+        assert torch.allclose(best.scores, expected, rtol=0, atol=1e-6)
+        assert torch.allclose(matrix.gather(1, best.indices), expected, rtol=0, atol=1e-6)
+        assert all(len(set(row.tolist())) == 4 for row in best.indices)
 
 
 def test_gallery_topk_larger_than_gallery_and_shape_check():

@@ -71,6 +71,11 @@ class Block:
     lengths: Tensor
 
 
+def image_rows(n_images: int, max_pairs: int, image_block: int | None = None) -> int:
+    """Images per row of blocks: ``image_block``, by default about ``√max_pairs``."""
+    return max(1, min(n_images, image_block or math.isqrt(max_pairs)))
+
+
 def _blocks(
     model: nn.Module,
     image_emb: Tensor,
@@ -79,6 +84,7 @@ def _blocks(
     max_pairs: int,
     image_block: int | None = None,
     chunk: int | None = None,
+    only: slice | None = None,
 ) -> Iterator[Block]:
     """Blocks covering every pair once: captions in length order, in chunks of ``chunk``;
     within a chunk, image rows of ``image_block``, then caption blocks filling ``max_pairs``.
@@ -86,10 +92,11 @@ def _blocks(
     images' and captions' prepared terms, and a square block re-reads least per pair (on 2 CPU
     cores it scores 4-8% faster than a block of one caption against many images).
 
-    Every image row visits the captions in the same order (``argsort(lengths)``).
+    Every image row visits the captions in the same order (``argsort(lengths)``). ``only``
+    keeps the rows that start inside that image range, with the blocks of the whole plan.
     """
     n_img, n_cap = image_emb.shape[0], lengths.shape[0]
-    img_step = max(1, min(n_img, image_block or math.isqrt(max_pairs)))
+    img_step = image_rows(n_img, max_pairs, image_block)
     cap_step = max(1, max_pairs // img_step)
     chunk = max(cap_step, -(-(chunk or n_cap) // cap_step) * cap_step)
     order = torch.argsort(lengths.cpu(), stable=True).to(lengths.device)
@@ -101,6 +108,8 @@ def _blocks(
         if prepare_captions is not None:
             prepared = prepare_captions(caption_emb[members], lengths[members])
         for i in range(0, n_img, img_step):
+            if only is not None and not only.start <= i < only.stop:
+                continue
             images = slice(i, min(i + img_step, n_img))
             image_side = image_emb[images]
             if prepare_images is not None:
@@ -195,12 +204,15 @@ def score_gallery(
     budget_mb: float = 1024.0,
     image_block: int | None = None,
     progress: bool = False,
+    only: slice | None = None,
 ) -> GalleryScores:
     """Score every image against every caption block by block, without autograd.
 
     ``out`` (e.g. ``np.lib.format.open_memmap(path, "w+", np.float32, (n_img, n_cap))``)
     receives the full matrix; ``topk`` keeps only the best ``k`` captions of each image and
     images of each caption, so memory stays bounded by one block plus the top-k lists.
+    ``only`` scores just the rows of blocks that start inside that image range (a rank's
+    share, :func:`distributed_similarity`); the rest of ``out`` is left as it was.
     """
     n_img, n_cap = image_emb.shape[0], caption_emb.shape[0]
     if out is not None and tuple(out.shape) != (n_img, n_cap):
@@ -211,8 +223,8 @@ def score_gallery(
     img_best = TopK(torch.full((n_img, k_cap), float("-inf")), torch.full((n_img, k_cap), -1))
     cap_best = TopK(torch.full((n_cap, k_img), float("-inf")), torch.full((n_cap, k_img), -1))
     bar = tqdm(total=n_img * n_cap, unit="pair", unit_scale=True, disable=not progress)
-    start = time.perf_counter()
-    for b in _blocks(model, image_emb, caption_emb, lengths, max_pairs, image_block, chunk):
+    start, pairs = time.perf_counter(), 0
+    for b in _blocks(model, image_emb, caption_emb, lengths, max_pairs, image_block, chunk, only):
         block = model.similarity(b.image_side, b.caption_side, b.lengths).float().cpu()
         cols, images = b.captions.cpu(), b.images
         if out is not None:
@@ -221,16 +233,19 @@ def score_gallery(
             _merge_into(img_best, torch.arange(images.start, images.stop), block, cols)
             _merge_into(cap_best, cols, block.T, torch.arange(images.start, images.stop))
         bar.update(block.numel())
+        pairs += block.numel()
     bar.close()
     seconds = time.perf_counter() - start
     if not topk:
-        return GalleryScores(out, None, None, n_img * n_cap / seconds)
-    return GalleryScores(out, img_best, cap_best, n_img * n_cap / seconds)
+        return GalleryScores(out, None, None, pairs / seconds)
+    return GalleryScores(out, img_best, cap_best, pairs / seconds)
 
 
-def shard(n_items: int, rank: int, world_size: int) -> slice:
-    """The contiguous range of ``n_items`` that ``rank`` of ``world_size`` scores."""
-    per_rank = -(-n_items // world_size)
+def shard(n_items: int, rank: int, world_size: int, step: int = 1) -> slice:
+    """The contiguous range of ``n_items`` that ``rank`` of ``world_size`` scores: whole
+    groups of ``step`` items, the last group possibly short."""
+    groups = -(-n_items // step)
+    per_rank = -(-groups // world_size) * step
     return slice(min(rank * per_rank, n_items), min((rank + 1) * per_rank, n_items))
 
 
@@ -245,19 +260,24 @@ def distributed_similarity(
     """The full matrix on every rank, each rank scoring its own range of images.
 
     Needs an initialised ``torch.distributed`` process group (``torchrun``); every rank passes
-    the same embeddings. Pair scores are independent, so the gathered matrix is identical to
-    a single process's.
+    the same embeddings. The ranks share out whole rows of the blocks one process would score
+    (:func:`score_gallery` with the same budget), so every block is the same computation on
+    the same shapes as there: the gathered matrix is bitwise the single process's when the
+    processes run the same number of threads (``torchrun`` gives each rank one), and every
+    rank holds the same copy. With other thread counts a CPU may pick other kernels, and
+    scores agree to float32 rounding.
     """
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(), dist.get_rank()
     n_img, n_cap = image_emb.shape[0], caption_emb.shape[0]
-    mine = shard(n_img, rank, world)
-    rows = -(-n_img // world)
-    part = torch.zeros(rows, n_cap, dtype=torch.float32, device=image_emb.device)
-    if mine.stop > mine.start:
-        scores = block_similarity(model, image_emb[mine], caption_emb, lengths, budget_mb=budget_mb)
-        part[: mine.stop - mine.start] = scores.float()
+    step = image_rows(n_img, pairs_per_block(model, image_emb, caption_emb, budget_mb))
+    mine, width = shard(n_img, rank, world, step), shard(n_img, 0, world, step).stop
+    scores = np.zeros((world * width, n_cap), dtype=np.float32)
+    score_gallery(
+        model, image_emb, caption_emb, lengths, scores[:n_img], budget_mb=budget_mb, only=mine
+    )
+    part = torch.from_numpy(scores[mine.start : mine.start + width]).to(image_emb.device)
     parts = [torch.empty_like(part) for _ in range(world)]
     dist.all_gather(parts, part)
     return torch.cat(parts)[:n_img]

@@ -152,8 +152,9 @@ def batch_scores(
 
     One process scores the whole batch. Under ``torchrun`` each rank encodes its contiguous
     share of the images and captions, gathers every rank's image embeddings (with autograd),
-    scores its captions against all of them and gathers the score columns: the matrix, hence
-    the loss, is the single-process one, and each rank's backward pass reaches only its share.
+    scores its captions against all of them and gathers the score columns: every rank holds
+    the same matrix, equal to the single-process one to float32 rounding (the encoders run on
+    other shapes), and each rank's backward pass reaches only its share.
     A batch smaller than the world is scored whole by every rank.
     """
     rank, world_size = world()

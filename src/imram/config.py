@@ -125,6 +125,7 @@ class ModelConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+MINING = ("exact", "off")
 
 
 @dataclass
@@ -139,6 +140,10 @@ class TrainConfig:
     grad_clip: float = 2.0
     margin: float = 0.2
     hardest_negative: bool = True
+    # With hardest negatives: ``exact`` scores the batch without autograd, picks each query's
+    # hardest negative and re-scores only those 3·B pairs with autograd (the same loss and
+    # gradients); ``off`` keeps every pair in autograd.
+    mining: str = "exact"
     warmup_epochs: int = 0
     val_every: int = 0
     log_every: int = 10
@@ -163,6 +168,8 @@ class TrainConfig:
         for key in ("lr", "score_budget_mb"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
+        if self.mining not in MINING:
+            raise ConfigError(f"train.mining={self.mining!r} must be one of {', '.join(MINING)}")
 
 
 @dataclass
@@ -249,7 +256,10 @@ def _section(cls: type, values: Any, name: str) -> Any:
 
 
 def _coerce(value: Any, kind: type, key: str) -> Any:
-    """Check a scalar against its field's type; YAML's ``2e-4`` (a string) becomes a float."""
+    """Check a scalar against its field's type; YAML's ``2e-4`` (a string) becomes a float,
+    and its ``off``/``on`` (booleans) become those words where a string is expected."""
+    if kind is str and isinstance(value, bool):
+        return "on" if value else "off"
     if kind is float and isinstance(value, str):
         try:
             return float(value)

@@ -88,6 +88,37 @@ def test_other_models_and_options_match_reference(name, overrides, dtype):
         assert diff.abs().max().item() <= TOLERANCE[dtype], grad
 
 
+PAIR_CASES = [(n, dict(steps=k, attn_norm=a, aggregator=g)) for n, k, a, g in CASES] + [
+    ("scan_t2i", {}),
+    ("scan_i2t", {"pooling": "lse", "attn_norm": "relu_l2norm"}),
+    ("vsepp", {}),
+    ("member", {}),
+    ("imram_full", {"attn_sim": "cosine", "renorm": True, "aggregator": "gate"}),
+    ("imram_text", {"pooling": "lse", "lambda_lse": 5.0}),
+]
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name,overrides", PAIR_CASES)
+def test_pair_similarity_is_the_matrix_entry(name, overrides, dtype, grad):
+    """Every (image, caption) pair of the block, in a scrambled order with repeats and
+    captions of every length padded to the longest, scored as aligned pairs: the entries of
+    ``similarity`` (to rounding) and of the per-pair reference."""
+    model = _model(name, dtype, **overrides)
+    img, cap = _inputs(model, dtype)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, img.shape[0], (19,), generator=gen)
+    cols = torch.randint(0, cap.shape[0], (19,), generator=gen)
+    with torch.set_grad_enabled(grad):
+        pairs = model.pair_similarity(img[rows], cap[cols], LENGTHS[cols])
+        matrix = model.similarity(img, cap, LENGTHS)
+    reference = reference_similarity(model, img, cap, LENGTHS)
+    assert pairs.shape == (19,) and pairs.dtype == dtype
+    assert (pairs - matrix[rows, cols]).abs().max().item() <= TOLERANCE[dtype]
+    assert (pairs - reference[rows, cols]).abs().max().item() <= TOLERANCE[dtype]
+
+
 def test_every_registered_name_is_covered():
     covered = {c[0] for c in CASES} | {"scan_t2i", "scan_i2t", "vsepp", "member"}
     assert set(list_models()) == covered

@@ -63,7 +63,7 @@ def test_two_processes_follow_the_single_process_loss_curve(toy_data, tmp_path, 
     negatives) and a hardest-negative epoch, and the same weights at the end; only rank 0
     writes. The learning rate is small on purpose: at 2e-3 Adam amplifies rounding noise about
     tenfold per step on this toy set, so even two single-process runs with 1 and 2 threads part
-    by 0.1 % within 8 steps; at 2e-5 the curves stay within a few 1e-6 (they still move:
+    by 0.1 % within 8 steps; at 2e-5 the curves stay within a few 1e-5 (they still move:
     about 450 → 470 in warm-up, 37 → 41 after)."""
     extra = ["model.member_bank_size=64"] if preset == "member" else []
     one, two = tmp_path / "one", tmp_path / "two"
@@ -76,20 +76,25 @@ def test_two_processes_follow_the_single_process_loss_curve(toy_data, tmp_path, 
     # rounding: test_sharded_scores_match_the_single_process_ones). Adam turns a gradient entry
     # that is rounding noise into a step of about lr: MEMBER's memory units start with a
     # gradient of exactly zero (empty banks), and their first steps differ that way, which
-    # keeps its curves a few 1e-4 apart without growing.
-    rtol = 5e-4 if preset == "member" else 2e-5
+    # keeps its curves a few 1e-4 apart without growing. The other models' curves part
+    # slowly as such noise compounds: measured up to 4e-6 relative on an AVX2 CPU and 2.6e-5
+    # at the last step on an AVX-512 one, whose kernels differ more between the shapes each
+    # run uses; 1e-4 bounds it with room and still catches any real divergence (a wrong
+    # gradient moves the curve by percents within a few steps).
+    rtol = 5e-4 if preset == "member" else 1e-4
     assert torch.allclose(losses[1], losses[0], rtol=rtol, atol=0), losses[1] - losses[0]
     assert (losses[0][:20] - losses[0][0]).abs().max() > 5  # the weights do change
     assert [e["world_size"] for e in _events(two, "distributed")] == [2]
     assert [e["rsum"] for e in _events(two, "val")] == pytest.approx(
         [e["rsum"] for e in _events(one, "val")], abs=1e-6
     )
+    # Each Adam step moves a weight by about lr (2e-5) at most; the runs' weights may differ
+    # by two such steps of the 40 taken (measured: 4.6e-6 on an AVX-512 CPU; MEMBER: 1e-4).
     weights = [load_file(run / "last" / "model.safetensors") for run in (one, two)]
     assert weights[0].keys() == weights[1].keys()
+    atol = 1e-4 if preset == "member" else 4e-5
     for key, value in weights[0].items():
-        assert torch.allclose(weights[1][key], value, atol=1e-4 if preset == "member" else 2e-6), (
-            key
-        )
+        assert torch.allclose(weights[1][key], value, rtol=0, atol=atol), key
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
 
 
@@ -122,7 +127,7 @@ def _score_three_batches(data):
     the sharding's."""
     from imram.data import PrecompDataset, Vocabulary, collate
     from imram.models import build_model
-    from imram.training.trainer import batch_scores
+    from imram.training.batch import batch_scores
 
     vocab = Vocabulary.from_caption_files([data / "train_caps.txt"], 1)
     dataset = PrecompDataset(data, "train", vocab)

@@ -29,6 +29,12 @@ def dot_scores(image_emb: Tensor, caption_emb: Tensor) -> Tensor:
         return at_least_fp32(image_emb) @ at_least_fp32(caption_emb).T
 
 
+def pair_dot_scores(image_emb: Tensor, caption_emb: Tensor) -> Tensor:
+    """``[P]`` dot products of image p with caption p, in fp32 as :func:`dot_scores`."""
+    with torch.autocast(image_emb.device.type, enabled=False):
+        return (at_least_fp32(image_emb) * at_least_fp32(caption_emb)).sum(dim=-1)
+
+
 def length_mask(lengths: Tensor, max_len: int) -> Tensor:
     """Boolean ``[B, max_len]`` mask, True at the first ``lengths[b]`` positions of row b."""
     positions = torch.arange(max_len, device=lengths.device)

@@ -12,6 +12,7 @@ from imram.models.attention import (
     attend,
     attention_from_scores,
     fragment_cosine,
+    per_pair,
     pool_fragments,
     raw_scores,
 )
@@ -48,6 +49,11 @@ class QuerySide:
         """Items ``rows``, their fragments cut to ``length``."""
         first = None if self.first_terms is None else self.first_terms[rows, :length]
         return QuerySide(self.emb[rows, :length], self.norm[rows, :length], first)
+
+    def per_pair(self) -> QuerySide:
+        """Item p as the only query of pair p (``[P, 1, n, …]``), for aligned pairs."""
+        first = None if self.first_terms is None else self.first_terms[:, None]
+        return QuerySide(self.emb[:, None], self.norm[:, None], first)
 
 
 @dataclass
@@ -134,7 +140,7 @@ def iterative_matching(
     if not trace:
         return step_scores
     if query_mask is not None:
-        fragments = [f.masked_fill(~query_mask[None], 0.0) for f in fragments]
+        fragments = [f.masked_fill(~per_pair(query_mask, 2), 0.0) for f in fragments]
     weights_per_step = [w.transpose(0, 1) for w in weights_per_step]
     fragment_scores = torch.stack(fragments, dim=2).transpose(0, 1)
     return BranchTrace(weights_per_step, fragment_scores, step_scores)
@@ -150,10 +156,11 @@ def _update(
 ) -> Tensor:
     """One memory update of every pair's queries from its attention ``weights``.
 
-    At step 1 the queries are per item (``[Q, n, d]``) and their terms ``first_terms`` are added
-    inside the attention product (when the values are the terms alone); later the queries are
-    per pair and their terms are one GEMM. Without autograd the pre-activations go into the
-    scratch buffer ``slot`` (alternating, since the queries live in the previous one).
+    At step 1 the queries are per item (``[Q, n, d]``, or ``[C, 1, n, d]`` for aligned pairs)
+    and their terms ``first_terms`` are added inside the attention product (when the values are
+    the terms alone); later the queries are per pair and their terms are one GEMM. Without
+    autograd the pre-activations go into the scratch buffer ``slot`` (alternating, since the
+    queries live in the previous one).
     """
     d = memory.dim
     fused = first_terms is not None and not memory.needs_context
@@ -167,10 +174,10 @@ def _update(
     if pre.shape[-1] == 0:
         pre = None
     if first_terms is not None and not fused:
-        pre = pre + first_terms[None]
-    if current.dim() == 3:
-        return memory.combine(current[None], c, pre)
-    return memory.combine(current, c, memory.query_terms(current, add_to=pre))
+        pre = pre + per_pair(first_terms, 3)
+    if first_terms is None and current.dim() == 4:
+        pre = memory.query_terms(current, add_to=pre)
+    return memory.combine(per_pair(current, 3), c, pre)
 
 
 @dataclass
@@ -261,7 +268,11 @@ class IMRAM(nn.Module):
         caption_emb: Tensor | PreparedCaptions,
         lengths: Tensor,
         trace: bool,
+        paired: bool = False,
     ) -> dict[str, Tensor | BranchTrace]:
+        """Each branch's step scores ``[Q, C, K]`` (or trace) for every (query, context) pair;
+        ``paired``: for image p with caption p only (each item the one query of its pair,
+        ``[1, P, K]``)."""
         cfg = self.config
         if not isinstance(image_emb, PreparedImages):
             image_emb = self.prepare_images(image_emb)
@@ -277,19 +288,25 @@ class IMRAM(nn.Module):
             lambda_lse=cfg.lambda_lse,
             trace=trace,
         )
+        words, regions = caption_emb.as_query, image_emb.as_query
+        query_mask = mask
+        if paired:
+            words = None if words is None else words.per_pair()
+            regions = None if regions is None else regions.per_pair()
+            query_mask = mask[:, None]
         out: dict[str, Tensor | BranchTrace] = {}
         if self.uses("text"):
             out["text"] = iterative_matching(
-                caption_emb.as_query,
+                words,
                 image_emb.as_context,
                 lam=cfg.lambda_softmax,
                 memory=self.text_memory,
-                query_mask=mask,
+                query_mask=query_mask,
                 **common,
             )
         if self.uses("image"):
             out["image"] = iterative_matching(
-                image_emb.as_query,
+                regions,
                 caption_emb.as_context,
                 lam=cfg.image_lambda,
                 memory=self.image_memory,
@@ -323,6 +340,17 @@ class IMRAM(nn.Module):
         lengths of prepared captions are their own.
         """
         return self.step_scores(image_emb, caption_emb, lengths).sum(dim=-1)
+
+    def pair_similarity(
+        self,
+        image_emb: Tensor | PreparedImages,
+        caption_emb: Tensor | PreparedCaptions,
+        lengths: Tensor,
+    ) -> Tensor:
+        """Scores ``[P]`` of image p with caption p: the diagonal of :meth:`similarity`, by the
+        same maths, at the cost of P pairs instead of P² (a shortlist, mined negatives)."""
+        branches = self._branches(image_emb, caption_emb, lengths, trace=False, paired=True)
+        return sum(scores[0] for scores in branches.values()).sum(dim=-1)
 
     @torch.no_grad()
     def explain(

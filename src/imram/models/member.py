@@ -38,7 +38,14 @@ from torch import Tensor, nn
 from imram.config import ModelConfig
 from imram.distributed import batch_is_sharded, gather_uneven
 from imram.models.attention import attend, attention_from_scores, raw_scores
-from imram.models.encoders import build_encoders, dot_scores, l2norm, length_mask, masked_mean
+from imram.models.encoders import (
+    build_encoders,
+    dot_scores,
+    l2norm,
+    length_mask,
+    masked_mean,
+    pair_dot_scores,
+)
 from imram.models.memory import MemoryDistillation
 
 MODALITIES = ("image", "text")
@@ -151,6 +158,12 @@ class MEMBER(nn.Module):
     ) -> Tensor:
         """``[n_images, n_captions]`` dot products (``lengths`` only keeps the common signature)."""
         return dot_scores(image_emb, caption_emb)
+
+    def pair_similarity(
+        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
+    ) -> Tensor:
+        """``[P]`` scores of image p with caption p (the diagonal of :meth:`similarity`)."""
+        return pair_dot_scores(image_emb, caption_emb)
 
     def _writes(self) -> bool:
         """Whether calls now stage and commit fragments: a queue bank in training mode."""

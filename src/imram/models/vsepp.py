@@ -5,7 +5,14 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from imram.config import ModelConfig
-from imram.models.encoders import build_encoders, dot_scores, l2norm, length_mask, masked_mean
+from imram.models.encoders import (
+    build_encoders,
+    dot_scores,
+    l2norm,
+    length_mask,
+    masked_mean,
+    pair_dot_scores,
+)
 
 
 class VSEPP(nn.Module):
@@ -35,3 +42,9 @@ class VSEPP(nn.Module):
     ) -> Tensor:
         """``[n_images, n_captions]`` dot products (``lengths`` only keeps the common signature)."""
         return dot_scores(image_emb, caption_emb)
+
+    def pair_similarity(
+        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
+    ) -> Tensor:
+        """``[P]`` scores of image p with caption p (the diagonal of :meth:`similarity`)."""
+        return pair_dot_scores(image_emb, caption_emb)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -20,15 +23,58 @@ def triplet_loss(
     pairs that must not count as negatives (e.g. two captions of one image); by default, as in the
     reference, only the diagonal is positive.
     """
-    if sims.dim() != 2 or sims.shape[0] != sims.shape[1]:
-        raise ValueError(f"triplet_loss needs a square score matrix, got {tuple(sims.shape)}")
+    excluded = _not_negatives(sims, positives)
     diagonal = sims.diagonal()
-    excluded = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
-    if positives is not None:
-        excluded = excluded | positives
     # Row i: captions j ranked against image i; column j: images i ranked against caption j.
     cost_caption = (margin + sims - diagonal[:, None]).clamp_min(0).masked_fill(excluded, 0)
     cost_image = (margin + sims - diagonal[None, :]).clamp_min(0).masked_fill(excluded, 0)
     if hardest:
         return cost_caption.amax(dim=1).sum() + cost_image.amax(dim=0).sum()
+    return cost_caption.sum() + cost_image.sum()
+
+
+def _not_negatives(sims: Tensor, positives: Tensor | None) -> Tensor:
+    """The pairs of a square score matrix that are not negatives: the diagonal, ``positives``."""
+    if sims.dim() != 2 or sims.shape[0] != sims.shape[1]:
+        raise ValueError(f"triplet_loss needs a square score matrix, got {tuple(sims.shape)}")
+    excluded = torch.eye(sims.shape[0], dtype=torch.bool, device=sims.device)
+    return excluded | positives if positives is not None else excluded
+
+
+@dataclass
+class HardestNegatives:
+    """Per image the column of its highest-scoring negative caption, per caption the row of
+    its highest-scoring negative image, and whether each query has a negative at all."""
+
+    caption_of_image: Tensor
+    image_of_caption: Tensor
+    image_has_negative: Tensor
+    caption_has_negative: Tensor
+
+
+def hardest_negatives(sims: Tensor, positives: Tensor | None = None) -> HardestNegatives:
+    """The negatives that :func:`triplet_loss` with ``hardest`` charges, from ``sims [B, B]``
+    (for mining: the loss needs only these pairs and the positives)."""
+    masked = sims.masked_fill(_not_negatives(sims, positives), float("-inf"))
+    best_caption, caption_of_image = masked.max(dim=1)
+    best_image, image_of_caption = masked.max(dim=0)
+    return HardestNegatives(
+        caption_of_image, image_of_caption, best_caption > -math.inf, best_image > -math.inf
+    )
+
+
+def hinge_from_pairs(
+    positive: Tensor,
+    caption_negative: Tensor,
+    image_negative: Tensor,
+    margin: float,
+    hardest: HardestNegatives,
+) -> Tensor:
+    """:func:`triplet_loss` with ``hardest`` from the scores it depends on: ``positive[b]``
+    of pair b, ``caption_negative[b]`` of image b with its hardest caption and
+    ``image_negative[b]`` of caption b with its hardest image (:func:`hardest_negatives`)."""
+    cost_caption = (margin + caption_negative - positive).clamp_min(0)
+    cost_image = (margin + image_negative - positive).clamp_min(0)
+    cost_caption = cost_caption.masked_fill(~hardest.image_has_negative, 0)
+    cost_image = cost_image.masked_fill(~hardest.caption_has_negative, 0)
     return cost_caption.sum() + cost_image.sum()

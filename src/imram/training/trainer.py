@@ -17,27 +17,17 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import Tensor
 from tqdm import tqdm
 
 from imram.config import Config, save_config
 from imram.data import PrecompBatch, PrecompDataset, Vocabulary, collate, read_captions
 from imram.data.glove import embedding_matrix, glove_vocabulary
-from imram.distributed import (
-    any_rank,
-    barrier,
-    broadcast_object,
-    gather_rows,
-    sharded_batch,
-    split_sizes,
-    sum_gradients,
-    world,
-)
+from imram.distributed import any_rank, barrier, broadcast_object, sum_gradients, world
 from imram.errors import ConfigError, DataError, TrainingError
 from imram.evaluation import evaluate_model
 from imram.models import build_model
 from imram.precision import autocast
-from imram.scoring import block_similarity
+from imram.training.batch import batch_scores, mined_batch_loss
 from imram.training.checkpoint import (
     load_trainer_state,
     load_weights,
@@ -139,46 +129,6 @@ class _StopSignals:
     def __exit__(self, *exc: Any) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-def batch_scores(
-    model: torch.nn.Module,
-    batch: PrecompBatch,
-    device: torch.device,
-    budget_mb: float,
-    checkpoint: bool,
-) -> Tensor:
-    """The ``[B, B]`` score matrix of a global batch, equal on every rank.
-
-    One process scores the whole batch. Under ``torchrun`` each rank encodes its contiguous
-    share of the images and captions, gathers every rank's image embeddings (with autograd),
-    scores its captions against all of them and gathers the score columns: every rank holds
-    the same matrix, equal to the single-process one to float32 rounding (the encoders run on
-    other shapes), and each rank's backward pass reaches only its share.
-    A batch smaller than the world is scored whole by every rank.
-    """
-    rank, world_size = world()
-    images, tokens, lengths = (
-        batch.images.to(device),
-        batch.tokens.to(device),
-        batch.lengths.to(device),
-    )
-    if world_size == 1 or len(lengths) < world_size:
-        img = model.encode_images(images)
-        cap = model.encode_captions(tokens, lengths)
-        return block_similarity(
-            model, img, cap, lengths, budget_mb=budget_mb, checkpoint=checkpoint
-        )
-    sizes = split_sizes(len(lengths), world_size)
-    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
-    local_lengths = lengths[mine]
-    with sharded_batch():
-        img = gather_rows(model.encode_images(images[mine]), sizes)
-        cap = model.encode_captions(tokens[mine, : int(local_lengths.max())], local_lengths)
-    columns = block_similarity(
-        model, img, cap, local_lengths, budget_mb=budget_mb, checkpoint=checkpoint
-    )
-    return gather_rows(columns.T, sizes).T
 
 
 def train(
@@ -313,11 +263,13 @@ def train(
         """One optimisation step; the loss, or None when the loss or the gradient norm is not
         finite (the step is skipped). Every rank takes the same decision: the loss comes from
         the gathered matrix and the norm from the summed gradients."""
+        budget, recompute = tc.score_budget_mb, tc.activation_checkpointing
         with autocast(config.precision, device):
-            sims = batch_scores(
-                model, batch, device, tc.score_budget_mb, tc.activation_checkpointing
-            )
-        loss = triplet_loss(sims.float(), tc.margin, hardest)
+            if hardest and tc.mining == "exact":
+                loss = mined_batch_loss(model, batch, device, budget, recompute, tc.margin)
+            else:
+                sims = batch_scores(model, batch, device, budget, recompute)
+                loss = triplet_loss(sims.float(), tc.margin, hardest)
         if not torch.isfinite(loss):
             return None
         optimizer.zero_grad(set_to_none=True)

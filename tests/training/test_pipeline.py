@@ -29,11 +29,13 @@ def _sets(*extra):
     return [arg for item in (*SMALL, *extra) for arg in ("--set", item)]
 
 
-@pytest.mark.parametrize("preset", ["f30k_full_imram", "scan_t2i", "vsepp"])
-def test_training_lifts_rsum_far_above_chance(toy_data, tmp_path, preset):
+# SCAN t-i (lambda 9, mean pooling) learns the toy more slowly: after 5 epochs its test rsum
+# spreads over 345-510 across seeds and float roundings, after 8 over 467-532 (3x chance is 364).
+@pytest.mark.parametrize("preset,epochs", [("f30k_full_imram", 5), ("scan_t2i", 8), ("vsepp", 5)])
+def test_training_lifts_rsum_far_above_chance(toy_data, tmp_path, preset, epochs):
     run = tmp_path / preset
     argv = ["train", "--config", preset, "--data", str(toy_data), "--out", str(run)]
-    assert main([*argv, *_sets("train.epochs=5"), "--no-progress"]) == 0
+    assert main([*argv, *_sets(f"train.epochs={epochs}"), "--no-progress"]) == 0
     out = tmp_path / "test.json"
     sims = tmp_path / "sims.npy"
     argv = ["evaluate", "--checkpoint", str(run), "--data", str(toy_data), "--split", "test"]
@@ -44,7 +46,7 @@ def test_training_lifts_rsum_far_above_chance(toy_data, tmp_path, preset):
     assert np.load(sims).shape == (25, 125)
     assert (run / "config.yaml").is_file() and (run / "best").is_dir()
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in events if e["event"] == "val"] == [0, 1, 2, 3, 4]
+    assert [e["epoch"] for e in events if e["event"] == "val"] == list(range(epochs))
     assert any(e["event"] == "train" and "samples_per_s" in e for e in events)
 
 

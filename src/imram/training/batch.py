@@ -127,7 +127,13 @@ def mined_batch_loss(
         start = sum(counts[: encoded.rank])
         local = order[start : start + counts[encoded.rank]]
     local_cols = cols[local] - encoded.mine.start
-    args = (encoded.images[rows[local]], encoded.captions[local_cols], encoded.lengths[local_cols])
+    # index_select, not ``x[idx]``: its backward (index_add_) sums the rows of repeated items in
+    # a fixed order, where index_put_'s accumulation on CPU threads does not (resume stays bitwise).
+    args = (
+        encoded.images.index_select(0, rows[local]),
+        encoded.captions.index_select(0, local_cols),
+        encoded.lengths[local_cols],
+    )
     if checkpoint and torch.is_grad_enabled():
         scores = torch.utils.checkpoint.checkpoint(
             model.pair_similarity, *args, use_reentrant=False

@@ -21,37 +21,35 @@ def test_bench_scoring_runs_both_scorers_and_they_agree():
     assert "imram_full" in table.splitlines()[-1] and "x" in table.splitlines()[-1]
 
 
-def test_bench_training_times_both_training_steps():
-    from imram.bench import bench_training, format_training
+def test_bench_training_times_every_step_kind_and_vsepp():
+    from imram.bench import TrainingShape, bench_training, format_training
 
+    shape = TrainingShape(batch=4, steps_k=2, regions=5, dim=16, min_length=10, max_length=12)
     results = bench_training(
-        ("imram_text",),
-        ("fp32",),
-        steps_k=2,
-        batch=4,
-        regions=5,
-        dim=16,
-        steps=1,
-        repeats=1,
-        threads=1,
+        ("imram_text", "vsepp"), ("fp32",), shape, steps=1, repeats=1, threads=1
     )
-    (r,) = results
-    assert r.engine_steps_s > 0 and r.baseline_steps_s > 0
-    assert (
-        format_training(results, 4, 2, regions=5, dim=16).splitlines()[-1].startswith("imram_text")
-    )
+    text, vsepp = results
+    assert text.engine_steps_s > 0 and text.mined_steps_s > 0 and text.baseline_steps_s > 0
+    assert text.mined_peak_mb > 0 and text.best_steps_s >= text.mined_steps_s
+    assert vsepp.mined_steps_s is None and vsepp.baseline_steps_s is None  # one kind of step
+    lines = format_training(results, shape).splitlines()
+    assert "batch 4, K=2, 5 regions, d=16, caption lengths 10-12" in lines[0]
+    assert lines[2].startswith("imram_text") and lines[3].startswith("vsepp")
+    ratio = text.best_steps_s / vsepp.best_steps_s
+    assert lines[-1] == f"fp32: imram_text samples/s / VSE++ samples/s = {ratio:.3f}"
 
 
 def test_bench_training_checkpointed_column():
-    from imram.bench import bench_training, format_training
+    from imram.bench import TrainingShape, bench_training, format_training
 
+    shape = TrainingShape(batch=4, steps_k=2, regions=5, dim=16)
     results = bench_training(
-        ("imram_full",), ("fp32",), 2, 4, 5, 16, 1, repeats=1, threads=1, checkpointed=True
+        ("imram_full",), ("fp32",), shape, 1, repeats=1, threads=1, checkpointed=True
     )
     (r,) = results
     assert r.checkpointed_steps_s > 0 and r.checkpointed_peak_mb is not None
-    header, row = format_training(results, 4, 2, 5, 16).splitlines()[1:]
-    assert header.endswith("ckpt st/s  ckpt MB") and len(row.split()) == 9  # two more columns
+    header, row = format_training(results, shape).splitlines()[1:]
+    assert header.endswith("ckpt st/s  ckpt MB") and len(row.split()) == 12  # two more columns
 
 
 def test_bench_low_precision_scoring_against_the_fp32_engine():
@@ -81,3 +79,22 @@ def test_low_precision_rsum_line(toy_data, tmp_path):
     line = low_precision_rsum(tmp_path / "run", toy_data, "test", "bf16")
     assert line.startswith("scan_t2i on toy_precomp/test: rsum bf16 ")
     assert "fp32" in line and "difference" in line
+
+
+def test_bench_two_stage_synthetic_times_the_pair_path_beside_the_engine():
+    from imram.bench import bench_two_stage_synthetic
+
+    table = bench_two_stage_synthetic(
+        n_images=40, n_captions=200, ks=(2, 3, 8), timed=(16, 80, 3), dim=16, regions=4, threads=1
+    )
+    lines = table.splitlines()
+    assert "engine on a 16 x 16 block" in lines[0]
+    rows = [line.split() for line in lines[2:5]]
+    assert [int(r[0]) for r in rows] == [2, 3, 8]
+    # the union of both shortlists: at least k per caption, at most k per image and per caption
+    for r in rows:
+        k, pairs = int(r[0]), int(r[2].replace(",", ""))
+        assert k * 200 <= pairs <= k * (40 + 200)
+    assert rows[1][3] == rows[2][3]  # k above the largest timed one takes its rate
+    assert float(rows[0][4].rstrip("x")) > 0
+    assert "k above 3: the k=3 rate" in lines[-1]

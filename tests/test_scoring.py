@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from imram.models import build_model
-from imram.scoring import block_similarity, pairs_per_block, score_gallery
+from imram.scoring import block_similarity, pairs_per_block, score_gallery, score_pairs
 
 SMALL = dict(vocab_size=30, word_dim=8, img_dim=10, embed_dim=16)
 
@@ -32,6 +32,27 @@ def test_blocks_equal_one_call(name, max_pairs, budget_mb):
         whole = model.similarity(img, cap, lengths)
         blocks = block_similarity(model, img, cap, lengths, max_pairs, budget_mb=budget_mb)
     assert torch.allclose(blocks, whole, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["imram_full", "imram_text", "scan_i2t", "scan_t2i", "vsepp"])
+@pytest.mark.parametrize(
+    "budget_mb,cache_mb",
+    [(1024.0, 1024.0), (1e-4, 1024.0), (1024.0, 1e-4), (1e-2, 0.008)],
+    ids=["one-chunk", "chunk-per-pair", "group-per-image", "small-groups"],
+)
+def test_score_pairs_are_the_matrix_entries(name, budget_mb, cache_mb):
+    """Any list of pairs, repeats and all, in any chunking and image grouping, scores as its
+    matrix entries."""
+    model, img, cap, lengths = _block(name)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 5, (40,), generator=gen)
+    cols = torch.randint(0, 9, (40,), generator=gen)
+    with torch.no_grad():
+        whole = model.similarity(img, cap, lengths)
+    got = score_pairs(model, img, cap, lengths, rows, cols, budget_mb, cache_mb)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, whole[rows, cols], atol=1e-12, rtol=0)
+    assert score_pairs(model, img, cap, lengths, rows[:0], cols[:0]).shape == (0,)
 
 
 def test_prepared_sides_equal_raw_embeddings():

@@ -7,6 +7,7 @@ a memory update after every step (including the unused last one).
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import resource
 import time
@@ -337,7 +338,7 @@ def bench_two_stage_synthetic(
     ks: tuple[int, ...] = (10, 20, 50, 100, 200),
     name: str = "imram_full",
     steps: int = 3,
-    sample_images: int = 8,
+    timed: tuple[int, int, int] = (128, 640, 20),
     dim: int = 1024,
     regions: int = 36,
     threads: int | None = None,
@@ -345,11 +346,15 @@ def bench_two_stage_synthetic(
     """Wall time of two-stage retrieval over a synthetic gallery at the paper's sizes.
 
     The first stage (every pair's dot product of random unit embeddings, then both top-k
-    lists) runs in full, in column blocks. The second stage's pair count is exact (the union
-    of both shortlists); its time is the engine's rate measured on the shortlists of
-    ``sample_images`` images, since re-ranking every K for 5000 × 25000 would take hours.
+    lists) runs in full, and the second stage's pair count is exact (the union of both
+    shortlists). Its time comes from re-ranking, as :func:`two_stage_matrices` does, the union
+    of the shortlists of a ``timed = (images, captions, largest k)`` corner of the gallery:
+    the union holds about k·(1 + images/captions) pairs per caption and k·(1 + captions/images)
+    per image whatever the gallery's size, so the corner reuses prepared items as the whole
+    gallery would; a k above the largest timed one takes that one's rate (reuse only grows
+    with k). It is printed beside the engine's rate on a square block of the same items.
     """
-    from imram.retrieval.two_stage import shortlist_masks
+    from imram.retrieval.two_stage import model_pair_scorer, shortlist_masks, two_stage_matrices
 
     torch.set_num_threads(threads or torch.get_num_threads())
     rng = np.random.default_rng(0)
@@ -362,35 +367,44 @@ def bench_two_stage_synthetic(
     start = time.perf_counter()
     first = img_vec @ cap_vec.T
     product_seconds = time.perf_counter() - start
-    model, img, cap, lengths = _inputs(name, steps, sample_images, 512, regions, dim)
+    corner_images, corner_captions, largest = timed
+    model, img, cap, lengths = _inputs(name, steps, corner_images, corner_captions, regions, dim)
+    scorer = model_pair_scorer(model, img, cap, lengths, budget_mb=1024)
+    corner = first[:corner_images, :corner_captions]
+    with torch.no_grad():
+        block_similarity(model, img[:8], cap[:8], lengths[:8], budget_mb=1024)  # warm-up
+        start = time.perf_counter()
+        block_similarity(model, img, cap[:corner_images], lengths[:corner_images], budget_mb=1024)
+        engine_rate = corner_images**2 / (time.perf_counter() - start)
+        two_stage_matrices(corner, scorer, 1)  # warm-up: the pair path's buffers
     lines = [
         f"two-stage on a synthetic {n_images} x {n_captions} gallery: first stage 256-d dot "
         f"products ({product_seconds:.1f} s for every pair), re-rank {name} K={steps}, d={dim}, "
-        f"{regions} regions",
-        f"{'shortlist':>9}{'shortlist s':>13}{'pairs':>14}{'re-rank p/s':>13}{'re-rank':>10}"
-        f"{'total':>10}",
+        f"{regions} regions; engine on a {corner_images} x {corner_images} block: "
+        f"{engine_rate:,.0f} pairs/s",
+        f"{'shortlist':>9}{'shortlist s':>13}{'pairs':>14}{'re-rank p/s':>13}{'/ engine':>10}"
+        f"{'re-rank':>10}{'total':>10}",
     ]
-    for k in ks:
+    rate = 0.0
+    for k in sorted(ks):
         start = time.perf_counter()
         in_i2t, in_t2i = shortlist_masks(first, k)
-        needed = in_i2t | in_t2i
+        pairs = int((in_i2t | in_t2i).sum())
         select_seconds = time.perf_counter() - start
-        pairs = int(needed.sum())
-        sample = [np.arange(n) % 512 for n in needed[:sample_images].sum(axis=1)]
-        start = time.perf_counter()
-        with torch.no_grad():
-            for i, captions in enumerate(sample):
-                idx = torch.as_tensor(captions)
-                block_similarity(model, img[i : i + 1], cap[idx], lengths[idx], budget_mb=1024)
-        rate = sum(len(c) for c in sample) / (time.perf_counter() - start)
+        if k <= largest:
+            result = two_stage_matrices(corner, scorer, k)
+            rate = result.pairs_scored / result.rerank_seconds
         rerank = pairs / rate
         total = product_seconds + select_seconds + rerank
         lines.append(
-            f"{k:>9}{select_seconds:>13.1f}{pairs:>14,}{rate:>13,.0f}{_duration(rerank):>10}"
-            f"{_duration(total):>10}"
+            f"{k:>9}{select_seconds:>13.1f}{pairs:>14,}{rate:>13,.0f}"
+            f"{rate / engine_rate:>9.2f}x{_duration(rerank):>10}{_duration(total):>10}"
         )
     full = n_images * n_captions
-    lines.append(f"one stage: {full:,} pairs with {name}")
+    lines.append(
+        f"re-rank rates timed on the shortlists of a {corner_images} x {corner_captions} corner "
+        f"(k above {largest}: the k={largest} rate); one stage: {full:,} pairs with {name}"
+    )
     return "\n".join(lines)
 
 
@@ -441,89 +455,124 @@ def bench_two_stage(
 
 @dataclass
 class TrainingResult:
+    """Training steps/s and peak RSS (MB, the whole process) of one model at one precision:
+    the all-pairs engine step, the mined step (``train.mining: exact``), the release-style
+    baseline, and optionally the all-pairs step with activation checkpointing."""
+
     name: str
     precision: str
     engine_steps_s: float
-    baseline_steps_s: float
+    baseline_steps_s: float | None
     engine_peak_mb: float
-    baseline_peak_mb: float
+    baseline_peak_mb: float | None
     checkpointed_steps_s: float | None = None
     checkpointed_peak_mb: float | None = None
+    mined_steps_s: float | None = None
+    mined_peak_mb: float | None = None
 
     @property
     def ratio(self) -> float:
-        return self.engine_steps_s / self.baseline_steps_s
+        """The fastest engine step against the release-style baseline."""
+        return self.best_steps_s / (self.baseline_steps_s or math.nan)
+
+    @property
+    def best_steps_s(self) -> float:
+        return max(self.engine_steps_s, self.mined_steps_s or 0.0)
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """The inputs a training benchmark step sees: batch, K, regions × d, caption lengths."""
+
+    batch: int = 32
+    steps_k: int = 3
+    regions: int = 36
+    dim: int = 1024
+    min_length: int = 8
+    max_length: int = 20
+
+    def describe(self) -> str:
+        return (
+            f"batch {self.batch}, K={self.steps_k}, {self.regions} regions, d={self.dim}, "
+            f"caption lengths {self.min_length}-{self.max_length}"
+        )
 
 
 def _training_step(args: tuple) -> tuple[float, float]:
     """In a fresh process: (training steps/s over ``steps`` timed steps after one warm-up,
-    growth of peak RSS in MB) of the engine (with or without activation checkpointing) or of
-    the release-style loop."""
+    peak RSS in MB) of the all-pairs engine (``engine``, or ``checkpointed`` with activation
+    checkpointing), the mined step (``mined``) or the release-style loop (``baseline``)."""
+    from imram.data import PrecompBatch
     from imram.precision import autocast
-    from imram.scoring import block_similarity
+    from imram.training.batch import batch_scores, mined_batch_loss
     from imram.training.loss import triplet_loss
 
-    which, name, steps_k, batch, regions, dim, precision, steps, threads = args
+    which, name, shape, precision, steps, threads = args
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(name, steps=steps_k, embed_dim=dim).train()
+    model = build_model(name, steps=shape.steps_k, embed_dim=shape.dim).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-    lengths = torch.randint(8, 21, (batch,))
-    tokens = torch.randint(4, 1000, (batch, 20))
-    features = torch.randn(batch, regions, model.config.img_dim)
+    n = shape.batch
+    lengths = torch.randint(shape.min_length, shape.max_length + 1, (n,))
+    tokens = torch.randint(4, 1000, (n, shape.max_length))
+    features = torch.randn(n, shape.regions, model.config.img_dim)
+    batch = PrecompBatch(features, tokens, lengths, torch.arange(n), torch.arange(n))
+    cpu = torch.device("cpu")
 
     def step() -> None:
         with autocast(precision, "cpu"):
-            img = model.encode_images(features)
-            cap = model.encode_captions(tokens, lengths)
-            if which != "baseline":
-                sims = block_similarity(
-                    model, img, cap, lengths, checkpoint=which == "checkpointed"
-                )
-            else:
+            if which == "mined":
+                loss = mined_batch_loss(model, batch, cpu, 1024.0, False, 0.2)
+            elif which == "baseline":
+                img = model.encode_images(features)
+                cap = model.encode_captions(tokens, lengths)
                 sims = release_style_similarity(model, img, cap, lengths)
-        loss = triplet_loss(sims.float(), 0.2, True)
+                loss = triplet_loss(sims.float(), 0.2, True)
+            else:
+                sims = batch_scores(model, batch, cpu, 1024.0, which == "checkpointed")
+                loss = triplet_loss(sims.float(), 0.2, True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         optimizer.step()
 
-    before = _peak_mb()
     step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps / (time.perf_counter() - start), _peak_mb() - before
+    return steps / (time.perf_counter() - start), _peak_mb()
 
 
 def bench_training(
     names: tuple[str, ...] = ("imram_full", "imram_text", "imram_image"),
     precisions: tuple[str, ...] = ("fp32", "bf16"),
-    steps_k: int = 3,
-    batch: int = 32,
-    regions: int = 36,
-    dim: int = 1024,
+    shape: TrainingShape = TrainingShape(),
     steps: int = 3,
     repeats: int = 2,
     threads: int | None = None,
     checkpointed: bool = False,
+    baseline: bool = True,
 ) -> list[TrainingResult]:
-    """Training steps/s (forward, backward, Adam) of the engine and of a loop mirroring the
-    release's training step (captions one at a time against the batch's images, full 2d→d
-    memory linears per pair, an update after every step), each in fresh processes that
-    alternate ``repeats`` times; the best run of each counts. ``checkpointed`` also runs the
-    engine with activation checkpointing (``train.activation_checkpointing``)."""
+    """Training steps/s (forward, backward, Adam) of the engine's all-pairs step, its mined
+    step and a loop mirroring the release's training step (captions one at a time against
+    the batch's images, full 2d→d memory linears per pair, an update after every step), each
+    in fresh processes that alternate ``repeats`` times; the best run of each counts.
+    ``checkpointed`` also runs the all-pairs step with activation checkpointing; embedding
+    models (``vsepp``) get the all-pairs step only."""
     threads = threads or torch.get_num_threads()
     ctx = mp.get_context("spawn")
     results = []
     for name in names:
+        cross = name not in ("vsepp", "member")
         for precision in precisions:
-            runs: dict[str, list[tuple[float, float]]] = {"engine": [], "baseline": []}
-            if checkpointed:
-                runs["checkpointed"] = []
+            kinds = ["engine"]
+            if cross:
+                kinds += ["mined"] + (["baseline"] if baseline else [])
+                kinds += ["checkpointed"] if checkpointed else []
+            runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
             for _ in range(repeats):
                 for which in runs:
-                    job = (which, name, steps_k, batch, regions, dim, precision, steps, threads)
+                    job = (which, name, shape, precision, steps, threads)
                     with ctx.Pool(1) as pool:
                         runs[which].append(pool.apply(_training_step, (job,)))
             best = {w: max(r[0] for r in runs[w]) for w in runs}
@@ -533,33 +582,51 @@ def bench_training(
                     name,
                     precision,
                     best["engine"],
-                    best["baseline"],
+                    best.get("baseline"),
                     peak["engine"],
-                    peak["baseline"],
+                    peak.get("baseline"),
                     best.get("checkpointed"),
                     peak.get("checkpointed"),
+                    best.get("mined"),
+                    peak.get("mined"),
                 )
             )
     return results
 
 
-def format_training(
-    results: list[TrainingResult], batch: int, steps_k: int, regions: int = 36, dim: int = 1024
-) -> str:
-    """The training benchmark's table (with the checkpointed engine's columns when measured)."""
+def _cell(value: float | None, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
+def format_training(results: list[TrainingResult], shape: TrainingShape) -> str:
+    """The training benchmark's table: steps/s of each step kind, the mined step against
+    the all-pairs one and against the baseline, samples/s, peak RSS; then each model's
+    samples/s against VSE++'s when VSE++ was measured in the same run."""
     extra = any(r.checkpointed_steps_s is not None for r in results)
     lines = [
-        f"training step, batch {batch}, K={steps_k}, {regions} regions, d={dim}, lengths 8-20 "
-        "(forward + backward + Adam)",
-        f"{'model':<12}{'precision':>10}{'engine st/s':>13}{'baseline st/s':>15}{'ratio':>8}"
-        f"{'engine MB':>11}{'base MB':>9}" + (f"{'ckpt st/s':>11}{'ckpt MB':>9}" if extra else ""),
+        f"training step, {shape.describe()} (forward + backward + Adam; peak RSS of the process)",
+        f"{'model':<12}{'precision':>10}{'all-pairs':>11}{'mined':>9}{'baseline':>10}"
+        f"{'mined/all':>10}{'vs base':>9}{'samples/s':>11}{'all MB':>8}{'mined MB':>9}"
+        + (f"{'ckpt st/s':>11}{'ckpt MB':>9}" if extra else ""),
     ]
     for r in results:
+        mined_ratio = None if r.mined_steps_s is None else r.mined_steps_s / r.engine_steps_s
         line = (
-            f"{r.name:<12}{r.precision:>10}{r.engine_steps_s:>13.3f}{r.baseline_steps_s:>15.3f}"
-            f"{r.ratio:>7.1f}x{r.engine_peak_mb:>11.0f}{r.baseline_peak_mb:>9.0f}"
+            f"{r.name:<12}{r.precision:>10}{r.engine_steps_s:>11.3f}"
+            + _cell(r.mined_steps_s, ".3f", 9)
+            + _cell(r.baseline_steps_s, ".3f", 10)
+            + (f"{'-':>10}" if mined_ratio is None else f"{mined_ratio:>9.2f}x")
+            + (f"{'-':>9}" if r.baseline_steps_s is None else f"{r.ratio:>8.1f}x")
+            + f"{r.best_steps_s * shape.batch:>11.1f}{r.engine_peak_mb:>8.0f}"
+            + _cell(r.mined_peak_mb, ".0f", 9)
         )
         if r.checkpointed_steps_s is not None:
             line += f"{r.checkpointed_steps_s:>11.3f}{r.checkpointed_peak_mb:>9.0f}"
         lines.append(line)
+    for precision in dict.fromkeys(r.precision for r in results):
+        vsepp = [r for r in results if r.name == "vsepp" and r.precision == precision]
+        for r in results:
+            if vsepp and r.precision == precision and r.name != "vsepp":
+                ratio = r.best_steps_s / vsepp[0].best_steps_s
+                lines.append(f"{precision}: {r.name} samples/s / VSE++ samples/s = {ratio:.3f}")
     return "\n".join(lines)

@@ -204,6 +204,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from imram.bench import (
+        TrainingShape,
         bench_low_precision_scoring,
         bench_scoring,
         bench_topk_memory,
@@ -217,19 +218,24 @@ def _bench(args: argparse.Namespace) -> int:
     )
 
     if args.what == "training":
-        names = tuple(args.models or ["imram_full", "imram_text", "imram_image"])
+        names = tuple(args.models or ["imram_full", "imram_text", "imram_image", "vsepp"])
         steps_k = (args.steps or [3])[0]
-        results = bench_training(
-            names,
-            precisions=tuple(args.precisions),
-            steps_k=steps_k,
-            batch=args.batch,
-            repeats=args.repeats,
-            threads=args.threads,
-            checkpointed=args.activation_checkpointing,
-        )
-        print(format_training(results, args.batch, steps_k))
+        low, high = args.lengths
+        for batch in args.batch:
+            for dim in args.dims:
+                shape = TrainingShape(batch, steps_k, args.regions, dim, low, high)
+                results = bench_training(
+                    names,
+                    precisions=tuple(args.precisions),
+                    shape=shape,
+                    repeats=args.repeats,
+                    threads=args.threads,
+                    checkpointed=args.activation_checkpointing,
+                    baseline=not args.no_baseline,
+                )
+                print(format_training(results, shape), flush=True)
         low = [p for p in args.precisions if p != "fp32"]
+        names = tuple(n for n in names if n not in ("vsepp", "member"))
         if low and not args.no_scoring:
             scoring = bench_low_precision_scoring(
                 tuple((name, steps_k) for name in names),
@@ -597,7 +603,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     bench.add_argument("--repeats", type=int, default=3, help="timed runs each; the best counts")
-    bench.add_argument("--batch", type=int, default=32, help="training: batch size (default 32)")
+    bench.add_argument(
+        "--batch", type=int, nargs="+", default=[32], help="training: batch sizes (default 32)"
+    )
+    bench.add_argument(
+        "--dims", type=int, nargs="+", default=[1024], help="training: d values (default 1024)"
+    )
+    bench.add_argument(
+        "--regions", type=int, default=36, help="training: regions per image (default 36)"
+    )
+    bench.add_argument(
+        "--lengths",
+        type=int,
+        nargs=2,
+        default=[8, 20],
+        metavar=("MIN", "MAX"),
+        help="training: caption lengths drawn from MIN..MAX (default 8 20)",
+    )
+    bench.add_argument(
+        "--no-baseline", action="store_true", help="training: skip the release-style loop"
+    )
     bench.add_argument(
         "--precisions",
         nargs="+",

@@ -89,8 +89,8 @@ def test_five_folds_shortlist_within_each_fold(gallery):
     first, second, cap2img = first[:10][:, keep], second[:10][:, keep], cap2img[keep]
     cols = np.flatnonzero(keep)
 
-    def fold_scorer(i, captions):
-        return scorer(i, cols[captions])
+    def fold_scorer(rows, captions):
+        return scorer(rows, cols[captions])
 
     metrics = evaluate_two_stage(first, fold_scorer, cap2img, k=10_000, protocol="5fold")
     expected = evaluate_sims(second, cap2img, "5fold")

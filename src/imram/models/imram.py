@@ -18,7 +18,7 @@ from imram.models.attention import (
 )
 from imram.models.encoders import build_encoders, length_mask
 from imram.models.memory import MemoryDistillation
-from imram.models.workspace import scratch
+from imram.models.workspace import gather, scratch
 from imram.precision import at_least_fp32
 
 
@@ -45,10 +45,17 @@ class QuerySide:
     norm: Tensor
     first_terms: Tensor | None
 
-    def take(self, rows: Tensor, length: int) -> QuerySide:
-        """Items ``rows``, their fragments cut to ``length``."""
-        first = None if self.first_terms is None else self.first_terms[rows, :length]
-        return QuerySide(self.emb[rows, :length], self.norm[rows, :length], first)
+    def take(
+        self, rows: Tensor, length: int, emb: Tensor | None = None, slot: str | None = None
+    ) -> QuerySide:
+        """Items ``rows``, their fragments cut to ``length`` (``emb``: those fragments, when
+        already gathered; ``slot``: gather into scratch buffers, see :func:`gather`)."""
+        first = None
+        if self.first_terms is not None:
+            first = gather(self.first_terms[:, :length], rows, slot and f"{slot}.first")
+        if emb is None:
+            emb = gather(self.emb[:, :length], rows, slot and f"{slot}.emb")
+        return QuerySide(emb, gather(self.norm[:, :length], rows, slot and f"{slot}.norm"), first)
 
     def per_pair(self) -> QuerySide:
         """Item p as the only query of pair p (``[P, 1, n, …]``), for aligned pairs."""
@@ -66,10 +73,18 @@ class ContextSide:
     gram: Tensor
     values: Tensor | None
 
-    def take(self, rows: Tensor, length: int) -> ContextSide:
-        """Items ``rows``, their fragments cut to ``length``."""
-        values = None if self.values is None else self.values[rows, :length]
-        return ContextSide(self.emb[rows, :length], self.gram[rows, :length, :length], values)
+    def take(
+        self, rows: Tensor, length: int, emb: Tensor | None = None, slot: str | None = None
+    ) -> ContextSide:
+        """Items ``rows``, their fragments cut to ``length`` (``emb``, ``slot``: as
+        :meth:`QuerySide.take`)."""
+        values = None
+        if self.values is not None:
+            values = gather(self.values[:, :length], rows, slot and f"{slot}.values")
+        if emb is None:
+            emb = gather(self.emb[:, :length], rows, slot and f"{slot}.emb")
+        gram = gather(self.gram[:, :length, :length], rows, slot and f"{slot}.gram")
+        return ContextSide(emb, gram, values)
 
 
 def prepare_query(query: Tensor, memory: MemoryDistillation | None, steps: int) -> QuerySide:
@@ -189,6 +204,20 @@ class PreparedImages:
     as_context: ContextSide | None
     as_query: QuerySide | None
 
+    def take(self, rows: Tensor, slot: str | None = None) -> PreparedImages:
+        """Images ``rows`` (repeats allowed: one per pair to score), each tensor gathered once
+        (into scratch buffers named after ``slot`` when given, see :func:`gather`)."""
+        n = self.emb.shape[1]
+        emb = gather(self.emb, rows, slot and f"{slot}.emb")
+        context = query = None
+        if self.as_context is not None:
+            shared = emb if self.as_context.emb is self.emb else None
+            context = self.as_context.take(rows, n, shared, slot and f"{slot}.context")
+        if self.as_query is not None:
+            shared = emb if self.as_query.emb is self.emb else None
+            query = self.as_query.take(rows, n, shared, slot and f"{slot}.query")
+        return PreparedImages(emb, context, query)
+
 
 @dataclass
 class PreparedCaptions:
@@ -200,16 +229,21 @@ class PreparedCaptions:
     as_query: QuerySide | None
     as_context: ContextSide | None
 
-    def take(self, rows: Tensor) -> PreparedCaptions:
-        """Captions ``rows`` (e.g. one block of a prepared chunk), cut to their longest."""
+    def take(self, rows: Tensor, slot: str | None = None) -> PreparedCaptions:
+        """Captions ``rows`` (e.g. one block of a prepared chunk, or one per pair to score),
+        cut to their longest, each tensor gathered once (``slot``: as
+        :meth:`PreparedImages.take`)."""
         lengths = self.lengths[rows]
         n = int(lengths.max())
-        return PreparedCaptions(
-            self.emb[rows, :n],
-            lengths,
-            None if self.as_query is None else self.as_query.take(rows, n),
-            None if self.as_context is None else self.as_context.take(rows, n),
-        )
+        emb = gather(self.emb[:, :n], rows, slot and f"{slot}.emb")
+        query = context = None
+        if self.as_query is not None:
+            shared = emb if self.as_query.emb is self.emb else None
+            query = self.as_query.take(rows, n, shared, slot and f"{slot}.query")
+        if self.as_context is not None:
+            shared = emb if self.as_context.emb is self.emb else None
+            context = self.as_context.take(rows, n, shared, slot and f"{slot}.context")
+        return PreparedCaptions(emb, lengths, query, context)
 
 
 class IMRAM(nn.Module):

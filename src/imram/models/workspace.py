@@ -34,6 +34,16 @@ def scratch(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     return buffer[:numel].view(shape)
 
 
+def gather(source: Tensor, rows: Tensor, slot: str | None = None) -> Tensor:
+    """``source``'s items ``rows`` (repeats allowed) by ``index_select``, whose backward sums
+    repeated rows in a fixed order; written into this thread's buffer ``slot`` when given and
+    autograd does not record (the caller then owns the result only until that slot's next use)."""
+    if slot is None or (torch.is_grad_enabled() and source.requires_grad):
+        return source.index_select(0, rows)
+    out = scratch(slot, (rows.shape[0], *source.shape[1:]), source)
+    return torch.index_select(source, 0, rows, out=out)
+
+
 def release() -> None:
     """Free this thread's buffers (e.g. after scoring a gallery, before training resumes)."""
     _local.__dict__.pop("buffers", None)

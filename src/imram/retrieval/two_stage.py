@@ -18,19 +18,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from imram.data import PrecompDataset, pad_captions
 from imram.errors import ConfigError, DataError
 from imram.features.extract import image_features
 from imram.metrics import METRIC_KEYS, N_FOLDS, PROTOCOLS, ranks_i2t, ranks_t2i, recall_metrics
 from imram.retrieval.index import GalleryIndex, Hit, load_index
-from imram.scoring import block_similarity
+from imram.scoring import score_pairs
 
 if TYPE_CHECKING:
     from imram.training.checkpoint import Checkpoint
 
-PairScorer = Callable[[int, np.ndarray], np.ndarray]
+# Scores of the pairs (image rows[p], caption cols[p]), all of a shortlist in one call, so
+# that the scorer can prepare each item once.
+PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def top_k(scores: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
@@ -70,54 +71,55 @@ class TwoStageResult:
     rerank_seconds: float
 
 
-def two_stage_matrices(
-    first: np.ndarray, score_image: PairScorer, k: int, progress: bool = False
-) -> TwoStageResult:
-    """Re-rank ``first`` (``[n_img, n_cap]``) with ``score_image(i, captions) -> scores``:
+def two_stage_matrices(first: np.ndarray, scorer: PairScorer, k: int) -> TwoStageResult:
+    """Re-rank ``first`` (``[n_img, n_cap]``) with ``scorer(rows, cols) -> scores``:
     row ``i`` of ``i2t`` holds second-stage scores for image ``i``'s ``k`` shortlisted
-    captions, column ``j`` of ``t2i`` for caption ``j``'s ``k`` shortlisted images."""
+    captions, column ``j`` of ``t2i`` for caption ``j``'s ``k`` shortlisted images; a pair in
+    both shortlists is scored once."""
     if k < 1:
         raise DataError(f"shortlist k={k} must be >= 1")
     in_i2t, in_t2i = shortlist_masks(first, k)
     n_img, n_cap = first.shape
+    rows, cols = np.nonzero(in_i2t | in_t2i)
+    start = time.perf_counter()
+    scores = np.asarray(scorer(rows, cols), dtype=np.float32)
+    seconds = time.perf_counter() - start
     i2t = np.full((n_img, n_cap), -np.inf, dtype=np.float32)
     t2i = np.full((n_img, n_cap), -np.inf, dtype=np.float32)
-    start = time.perf_counter()
-    pairs = 0
-    for i in tqdm(range(n_img), unit="img", disable=not progress, desc="re-rank"):
-        needed = in_i2t[i] | in_t2i[i]
-        captions = np.flatnonzero(needed)
-        row = np.full(n_cap, -np.inf, dtype=np.float32)
-        row[captions] = np.asarray(score_image(i, captions), dtype=np.float32)
-        pairs += len(captions)
-        i2t[i, in_i2t[i]] = row[in_i2t[i]]
-        t2i[i, in_t2i[i]] = row[in_t2i[i]]
-    return TwoStageResult(i2t, t2i, pairs, time.perf_counter() - start)
+    keep = in_i2t[rows, cols]
+    i2t[rows[keep], cols[keep]] = scores[keep]
+    keep = in_t2i[rows, cols]
+    t2i[rows[keep], cols[keep]] = scores[keep]
+    return TwoStageResult(i2t, t2i, len(rows), seconds)
 
 
 def model_pair_scorer(
-    model: nn.Module, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor, budget_mb: float
+    model: nn.Module,
+    image_emb: Tensor,
+    caption_emb: Tensor,
+    lengths: Tensor,
+    budget_mb: float,
+    progress: bool = False,
 ) -> PairScorer:
-    """Score one image against a list of captions with ``model.similarity`` (in blocks)."""
+    """Score pairs with ``model.pair_similarity`` (:func:`imram.scoring.score_pairs`)."""
 
-    @torch.no_grad()
-    def score(i: int, captions: np.ndarray) -> np.ndarray:
-        idx = torch.as_tensor(captions, device=caption_emb.device)
-        sims = block_similarity(
-            model, image_emb[i : i + 1], caption_emb[idx], lengths[idx], budget_mb=budget_mb
+    def score(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        device = caption_emb.device
+        r, c = torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)
+        scores = score_pairs(
+            model, image_emb, caption_emb, lengths, r, c, budget_mb, progress=progress
         )
-        return sims[0].float().cpu().numpy()
+        return scores.numpy()
 
     return score
 
 
 def evaluate_two_stage(
     first: np.ndarray,
-    score_image: PairScorer,
+    scorer: PairScorer,
     cap2img: np.ndarray,
     k: int,
     protocol: str = "1k",
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics of the re-ranked shortlists under a protocol (``5fold``: shortlists within each
     fold, metrics averaged), plus ``shortlist`` = k, ``pairs_scored``, ``rerank_seconds`` and
@@ -137,10 +139,10 @@ def evaluate_two_stage(
     for lo, hi in folds:
         cols = np.flatnonzero((cap2img >= lo) & (cap2img < hi))
 
-        def fold_scorer(i: int, captions: np.ndarray, lo: int = lo, cols: np.ndarray = cols):
-            return score_image(lo + i, cols[captions])
+        def fold_scorer(rows: np.ndarray, captions: np.ndarray, lo=lo, cols=cols) -> np.ndarray:
+            return scorer(lo + rows, cols[captions])
 
-        result = two_stage_matrices(first[lo:hi][:, cols], fold_scorer, k, progress)
+        result = two_stage_matrices(first[lo:hi][:, cols], fold_scorer, k)
         local = cap2img[cols] - lo
         r_i2t, r_t2i = ranks_i2t(result.i2t, local), ranks_t2i(result.t2i, local)
         metrics = recall_metrics(r_i2t, r_t2i)
@@ -202,11 +204,11 @@ def rerank_split(
         second_model, second_data, images.tolist(), range(first_data.num_captions), device=device
     )
     encode_seconds = time.perf_counter() - start
-    scorer = model_pair_scorer(second_model, img, cap, lengths, budget_mb)
+    scorer = model_pair_scorer(second_model, img, cap, lengths, budget_mb, progress)
     results = []
     for k in ks:
         size = k or max(first.shape)
-        metrics = evaluate_two_stage(first, scorer, cap2img, size, protocol, progress)
+        metrics = evaluate_two_stage(first, scorer, cap2img, size, protocol)
         metrics.update(
             shortlist=k or "all", first_seconds=first_seconds, encode_seconds=encode_seconds
         )

@@ -7,6 +7,7 @@ from imram.scoring.blocks import (
     distributed_similarity,
     pairs_per_block,
     score_gallery,
+    score_pairs,
     shard,
 )
 from imram.scoring.reference import reference_similarity
@@ -19,5 +20,6 @@ __all__ = [
     "pairs_per_block",
     "reference_similarity",
     "score_gallery",
+    "score_pairs",
     "shard",
 ]

@@ -9,6 +9,7 @@ gallery size.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -239,6 +240,86 @@ def score_gallery(
     if not topk:
         return GalleryScores(out, None, None, pairs / seconds)
     return GalleryScores(out, img_best, cap_best, pairs / seconds)
+
+
+def _bytes_held(prepared: object) -> int:
+    """Bytes of the distinct tensors a prepared side (a dataclass of tensors) holds."""
+    seen: dict[int, int] = {}
+
+    def walk(x: object) -> None:
+        if isinstance(x, Tensor):
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        elif dataclasses.is_dataclass(x):
+            for field in dataclasses.fields(x):
+                walk(getattr(x, field.name))
+
+    walk(prepared)
+    return sum(seen.values())
+
+
+@torch.no_grad()
+def score_pairs(
+    model: nn.Module,
+    image_emb: Tensor,
+    caption_emb: Tensor,
+    lengths: Tensor,
+    rows: Tensor,
+    cols: Tensor,
+    budget_mb: float = 1024.0,
+    cache_mb: float = 4096.0,
+    progress: bool = False,
+) -> Tensor:
+    """Scores ``[P]`` of the pairs (image ``rows[p]``, caption ``cols[p]``) without autograd,
+    by ``model.pair_similarity``: a shortlist's pairs at the cost of those pairs alone.
+
+    A cross-attention model spends about one pair's work preparing an item's terms, and a
+    shortlist holds few pairs per item, so every item is prepared once where memory allows:
+    the images in groups whose prepared terms fit ``cache_mb`` (one group unless the gallery
+    is large), and within a group the pairs in caption-length order, a caption's pairs together
+    in chunks whose pair-sized terms fit ``budget_mb``, each chunk preparing its captions.
+    """
+    out = torch.empty(rows.shape[0], dtype=torch.promote_types(caption_emb.dtype, torch.float32))
+    if rows.numel() == 0:
+        return out
+    prepare_images = getattr(model, "prepare_images", None)
+    prepare_captions = getattr(model, "prepare_captions", None)
+    images = torch.unique(rows)
+    group = len(images)
+    if prepare_images is not None:
+        per_image = _bytes_held(prepare_images(image_emb[images[:1]]))
+        group = max(1, min(group, int(cache_mb * 2**20 // max(per_image, 1))))
+    chunk = pairs_per_block(model, image_emb, caption_emb, budget_mb)
+    position = torch.searchsorted(images, rows.contiguous())
+    which = (position // group).cpu()
+    key = (which * (int(lengths.max()) + 1) + lengths.cpu()[cols.cpu()]) * caption_emb.shape[0]
+    order = torch.argsort(key + cols.cpu(), stable=True)
+    ends = torch.bincount(which, minlength=-(-len(images) // group)).cumsum(0).tolist()
+    bar = tqdm(total=len(order), unit="pair", unit_scale=True, disable=not progress)
+    begin = 0
+    for g, end in enumerate(ends):
+        members = images[g * group : (g + 1) * group]
+        image_side = image_emb[members]
+        if prepare_images is not None:
+            image_side = prepare_images(image_side)
+        for start in range(begin, end, chunk):
+            idx = order[start : min(start + chunk, end)].to(rows.device)
+            local = position[idx] - g * group
+            captions, caption_of = torch.unique(cols[idx], return_inverse=True)
+            if prepare_captions is not None:
+                prepared = prepare_captions(caption_emb[captions], lengths[captions])
+                side = prepared.take(caption_of, slot="pairs.captions")
+            else:
+                side = caption_emb[cols[idx]]
+            if prepare_images is not None:
+                pair_images = image_side.take(local, slot="pairs.images")
+            else:
+                pair_images = image_side[local]
+            scores = model.pair_similarity(pair_images, side, lengths[cols[idx]])
+            out[idx.cpu()] = scores.to(out.dtype).cpu()
+            bar.update(len(idx))
+        begin = end
+    bar.close()
+    return out
 
 
 def shard(n_items: int, rank: int, world_size: int, step: int = 1) -> slice:

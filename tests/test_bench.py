@@ -24,19 +24,28 @@ def test_bench_scoring_runs_both_scorers_and_they_agree():
 def test_bench_training_times_every_step_kind_and_vsepp():
     from imram.bench import TrainingShape, bench_training, format_training
 
-    shape = TrainingShape(batch=4, steps_k=2, regions=5, dim=16, min_length=10, max_length=12)
+    shape = TrainingShape(
+        batch=4, steps_k=2, regions=5, dim=16, min_length=10, max_length=12, img_dim=24
+    )
     results = bench_training(
         ("imram_text", "vsepp"), ("fp32",), shape, steps=1, repeats=1, threads=1
     )
     text, vsepp = results
     assert text.engine_steps_s > 0 and text.mined_steps_s > 0 and text.baseline_steps_s > 0
     assert text.mined_peak_mb > 0 and text.best_steps_s >= text.mined_steps_s
+    # 4 candidates in a batch of 4 (3 negatives each): every pair, so every hardest negative
+    assert text.shortlist_steps_s > 0 and text.shortlist_recall == 1.0
     assert vsepp.mined_steps_s is None and vsepp.baseline_steps_s is None  # one kind of step
     lines = format_training(results, shape).splitlines()
-    assert "batch 4, K=2, 5 regions, d=16, caption lengths 10-12" in lines[0]
+    assert "batch 4, K=2, 5 regions x 24, d=16, caption lengths 10-12" in lines[0]
     assert lines[2].startswith("imram_text") and lines[3].startswith("vsepp")
+    assert lines[2].split()[-2] == "100.0%"
     ratio = text.best_steps_s / vsepp.best_steps_s
-    assert lines[-1] == f"fp32: imram_text samples/s / VSE++ samples/s = {ratio:.3f}"
+    short = text.shortlist_steps_s / vsepp.best_steps_s
+    assert lines[-1] == (
+        f"fp32: imram_text samples/s / VSE++ samples/s = {ratio:.3f}"
+        f" (shortlist mining, m=4: {short:.3f})"
+    )
 
 
 def test_bench_training_checkpointed_column():
@@ -49,7 +58,7 @@ def test_bench_training_checkpointed_column():
     (r,) = results
     assert r.checkpointed_steps_s > 0 and r.checkpointed_peak_mb is not None
     header, row = format_training(results, shape).splitlines()[1:]
-    assert header.endswith("ckpt st/s  ckpt MB") and len(row.split()) == 12  # two more columns
+    assert header.endswith("ckpt st/s  ckpt MB") and len(row.split()) == 15  # two more columns
 
 
 def test_bench_low_precision_scoring_against_the_fp32_engine():

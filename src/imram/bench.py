@@ -469,14 +469,19 @@ class TrainingResult:
     checkpointed_peak_mb: float | None = None
     mined_steps_s: float | None = None
     mined_peak_mb: float | None = None
+    shortlist_steps_s: float | None = None
+    shortlist_peak_mb: float | None = None
+    # the share of hardest negatives (both directions) the shortlist held, on the bench batch
+    shortlist_recall: float | None = None
 
     @property
     def ratio(self) -> float:
-        """The fastest engine step against the release-style baseline."""
+        """The fastest exact step against the release-style baseline."""
         return self.best_steps_s / (self.baseline_steps_s or math.nan)
 
     @property
     def best_steps_s(self) -> float:
+        """The fastest exact step (all pairs or mined)."""
         return max(self.engine_steps_s, self.mined_steps_s or 0.0)
 
 
@@ -490,27 +495,32 @@ class TrainingShape:
     dim: int = 1024
     min_length: int = 8
     max_length: int = 20
+    img_dim: int = 2048
+    shortlist: int = 4
 
     def describe(self) -> str:
         return (
-            f"batch {self.batch}, K={self.steps_k}, {self.regions} regions, d={self.dim}, "
-            f"caption lengths {self.min_length}-{self.max_length}"
+            f"batch {self.batch}, K={self.steps_k}, {self.regions} regions x {self.img_dim}, "
+            f"d={self.dim}, caption lengths {self.min_length}-{self.max_length}"
         )
 
 
-def _training_step(args: tuple) -> tuple[float, float]:
+def _training_step(args: tuple) -> tuple[float, float, float | None]:
     """In a fresh process: (training steps/s over ``steps`` timed steps after one warm-up,
-    peak RSS in MB) of the all-pairs engine (``engine``, or ``checkpointed`` with activation
-    checkpointing), the mined step (``mined``) or the release-style loop (``baseline``)."""
+    peak RSS in MB, shortlist recall or None) of the all-pairs engine (``engine``, or
+    ``checkpointed`` with activation checkpointing), the mined step (``mined``), the
+    shortlist-mined step (``shortlist``) or the release-style loop (``baseline``)."""
     from imram.data import PrecompBatch
     from imram.precision import autocast
-    from imram.training.batch import batch_scores, mined_batch_loss
-    from imram.training.loss import triplet_loss
+    from imram.training.batch import batch_scores, encode_batch, mined_batch_loss, mining_scores
+    from imram.training.loss import hardest_negatives, triplet_loss
 
     which, name, shape, precision, steps, threads = args
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(name, steps=shape.steps_k, embed_dim=shape.dim).train()
+    model = build_model(
+        name, steps=shape.steps_k, embed_dim=shape.dim, img_dim=shape.img_dim
+    ).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     n = shape.batch
     lengths = torch.randint(shape.min_length, shape.max_length + 1, (n,))
@@ -521,8 +531,9 @@ def _training_step(args: tuple) -> tuple[float, float]:
 
     def step() -> None:
         with autocast(precision, "cpu"):
-            if which == "mined":
-                loss = mined_batch_loss(model, batch, cpu, 1024.0, False, 0.2)
+            if which in ("mined", "shortlist"):
+                shortlist = shape.shortlist if which == "shortlist" else None
+                loss = mined_batch_loss(model, batch, cpu, 1024.0, False, 0.2, shortlist)
             elif which == "baseline":
                 img = model.encode_images(features)
                 cap = model.encode_captions(tokens, lengths)
@@ -540,7 +551,17 @@ def _training_step(args: tuple) -> tuple[float, float]:
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return steps / (time.perf_counter() - start), _peak_mb()
+    rate, peak, recall = steps / (time.perf_counter() - start), _peak_mb(), None
+    if which == "shortlist":
+        with torch.no_grad():
+            encoded = encode_batch(model, batch, cpu)
+            exact = hardest_negatives(mining_scores(model, encoded, 1024.0))
+            short = hardest_negatives(mining_scores(model, encoded, 1024.0, shape.shortlist))
+        found = (exact.caption_of_image == short.caption_of_image).sum() + (
+            exact.image_of_caption == short.image_of_caption
+        ).sum()
+        recall = found.item() / (2 * n)
+    return rate, peak, recall
 
 
 def bench_training(
@@ -567,9 +588,10 @@ def bench_training(
         for precision in precisions:
             kinds = ["engine"]
             if cross:
-                kinds += ["mined"] + (["baseline"] if baseline else [])
+                kinds += ["mined"] + (["shortlist"] if shape.steps_k > 1 else [])
+                kinds += ["baseline"] if baseline else []
                 kinds += ["checkpointed"] if checkpointed else []
-            runs: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+            runs: dict[str, list[tuple[float, float, float | None]]] = {k: [] for k in kinds}
             for _ in range(repeats):
                 for which in runs:
                     job = (which, name, shape, precision, steps, threads)
@@ -589,6 +611,9 @@ def bench_training(
                     peak.get("checkpointed"),
                     best.get("mined"),
                     peak.get("mined"),
+                    best.get("shortlist"),
+                    peak.get("shortlist"),
+                    runs["shortlist"][0][2] if "shortlist" in runs else None,
                 )
             )
     return results
@@ -607,6 +632,7 @@ def format_training(results: list[TrainingResult], shape: TrainingShape) -> str:
         f"training step, {shape.describe()} (forward + backward + Adam; peak RSS of the process)",
         f"{'model':<12}{'precision':>10}{'all-pairs':>11}{'mined':>9}{'baseline':>10}"
         f"{'mined/all':>10}{'vs base':>9}{'samples/s':>11}{'all MB':>8}{'mined MB':>9}"
+        f"{'shortlist':>11}{'recall':>8}{'short MB':>9}"
         + (f"{'ckpt st/s':>11}{'ckpt MB':>9}" if extra else ""),
     ]
     for r in results:
@@ -619,6 +645,9 @@ def format_training(results: list[TrainingResult], shape: TrainingShape) -> str:
             + (f"{'-':>9}" if r.baseline_steps_s is None else f"{r.ratio:>8.1f}x")
             + f"{r.best_steps_s * shape.batch:>11.1f}{r.engine_peak_mb:>8.0f}"
             + _cell(r.mined_peak_mb, ".0f", 9)
+            + _cell(r.shortlist_steps_s, ".3f", 11)
+            + (f"{'-':>8}" if r.shortlist_recall is None else f"{100 * r.shortlist_recall:>7.1f}%")
+            + _cell(r.shortlist_peak_mb, ".0f", 9)
         )
         if r.checkpointed_steps_s is not None:
             line += f"{r.checkpointed_steps_s:>11.3f}{r.checkpointed_peak_mb:>9.0f}"
@@ -628,5 +657,9 @@ def format_training(results: list[TrainingResult], shape: TrainingShape) -> str:
         for r in results:
             if vsepp and r.precision == precision and r.name != "vsepp":
                 ratio = r.best_steps_s / vsepp[0].best_steps_s
-                lines.append(f"{precision}: {r.name} samples/s / VSE++ samples/s = {ratio:.3f}")
+                line = f"{precision}: {r.name} samples/s / VSE++ samples/s = {ratio:.3f}"
+                if r.shortlist_steps_s is not None:
+                    short = r.shortlist_steps_s / vsepp[0].best_steps_s
+                    line += f" (shortlist mining, m={shape.shortlist}: {short:.3f})"
+                lines.append(line)
     return "\n".join(lines)

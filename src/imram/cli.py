@@ -223,7 +223,9 @@ def _bench(args: argparse.Namespace) -> int:
         low, high = args.lengths
         for batch in args.batch:
             for dim in args.dims:
-                shape = TrainingShape(batch, steps_k, args.regions, dim, low, high)
+                shape = TrainingShape(
+                    batch, steps_k, args.regions, dim, low, high, args.img_dim, args.shortlist_m
+                )
                 results = bench_training(
                     names,
                     precisions=tuple(args.precisions),
@@ -611,6 +613,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--regions", type=int, default=36, help="training: regions per image (default 36)"
+    )
+    bench.add_argument(
+        "--img-dim", type=int, default=2048, help="training: region feature size (default 2048)"
+    )
+    bench.add_argument(
+        "--shortlist-m",
+        type=int,
+        default=4,
+        help="training: candidates per query of the shortlist-mined step (default 4)",
     )
     bench.add_argument(
         "--lengths",

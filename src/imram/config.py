@@ -125,7 +125,7 @@ class ModelConfig:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-MINING = ("exact", "off")
+MINING = ("exact", "shortlist", "off")
 
 
 @dataclass
@@ -142,8 +142,11 @@ class TrainConfig:
     hardest_negative: bool = True
     # With hardest negatives: ``exact`` scores the batch without autograd, picks each query's
     # hardest negative and re-scores only those 3·B pairs with autograd (the same loss and
-    # gradients); ``off`` keeps every pair in autograd.
+    # gradients); ``shortlist`` scores fully only each query's ``mining_shortlist`` best
+    # candidates by the step-1 score (exact whenever the hardest negative is among them; K=1
+    # models mine exactly); ``off`` keeps every pair in autograd.
     mining: str = "exact"
+    mining_shortlist: int = 4
     warmup_epochs: int = 0
     val_every: int = 0
     log_every: int = 10
@@ -159,7 +162,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
 
     def validate(self) -> None:
-        for key in ("epochs", "batch_size", "lr_decay_epochs", "log_every", "max_nonfinite_steps"):
+        counts = ("epochs", "batch_size", "lr_decay_epochs", "log_every", "max_nonfinite_steps")
+        for key in (*counts, "mining_shortlist"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 1")
         for key in ("warmup_epochs", "val_every", "max_minutes", "checkpoint_every"):

@@ -163,17 +163,81 @@ def test_mined_step_under_bf16_autocast_tracks_fp32():
 def test_mining_is_a_checked_config_key():
     assert load_config("f30k_full_imram", []).train.mining == "exact"
     assert load_config("f30k_full_imram", ["train.mining=off"]).train.mining == "off"
-    with pytest.raises(ConfigError, match="train.mining='some' must be one of exact, off"):
+    short = load_config("f30k_full_imram", ["train.mining=shortlist", "train.mining_shortlist=2"])
+    assert (short.train.mining, short.train.mining_shortlist) == ("shortlist", 2)
+    with pytest.raises(ConfigError, match="train.mining='some' must be one of exact, shortlist"):
         load_config("f30k_full_imram", ["train.mining=some"])
+    with pytest.raises(ConfigError, match="train.mining_shortlist=0 must be >= 1"):
+        load_config("f30k_full_imram", ["train.mining_shortlist=0"])
 
 
-def _ranked_worker(rank: int, init: str, out: str, name: str) -> None:
+@pytest.mark.parametrize("name", ["imram_full", "imram_text", "imram_image", "scan_t2i"])
+def test_first_step_similarity_is_the_first_step_score(name):
+    model = _model(name, torch.float64)
+    batch = _batch(torch.float64)
+    with torch.no_grad():
+        img = model.encode_images(batch.images)
+        cap = model.encode_captions(batch.tokens, batch.lengths)
+        first = model.first_step_similarity(img, cap, batch.lengths)
+        steps = model.step_scores(img, cap, batch.lengths)
+    assert first.shape == (7, 7)
+    assert torch.allclose(first, steps[..., 0], atol=1e-12, rtol=0)
+
+
+def _shortlist_reference(model, batch, m):
+    """Hardest negatives by the straightforward rule: each query's m best negatives by the
+    step-1 score, the hardest of them (and of the other direction's candidates) by the full
+    score."""
+    with torch.no_grad():
+        img = model.encode_images(batch.images)
+        cap = model.encode_captions(batch.tokens, batch.lengths)
+        full = reference_similarity(model, img, cap, batch.lengths)
+        coarse = model.step_scores(img, cap, batch.lengths)[..., 0]
+    n = len(batch.lengths)
+    coarse = coarse.masked_fill(torch.eye(n, dtype=torch.bool), float("-inf"))
+    keep = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        keep[i, coarse[i].argsort(descending=True)[:m]] = True
+        keep[coarse[:, i].argsort(descending=True)[:m], i] = True
+    return hardest_negatives(full.masked_fill(~keep, float("-inf")))
+
+
+@pytest.mark.parametrize("name", ["imram_full", "imram_image"])
+@pytest.mark.parametrize("m", [1, 2, 6])
+def test_shortlist_mining_picks_the_hardest_candidate(name, m):
+    """The shortlist step charges, for each query, the hardest of its candidates (m best by
+    the step-1 score, plus the pairs the other direction shortlisted); with m >= B - 1 every
+    pair is a candidate and it is the exact step, loss and gradients."""
+    from imram.training.batch import encode_batch, mining_scores
+
+    model = _model(name, torch.float64)
+    batch = _batch(torch.float64)
+    with torch.no_grad():
+        sims = mining_scores(model, encode_batch(model, batch, CPU), 1024.0, m)
+    got, expected = hardest_negatives(sims), _shortlist_reference(model, batch, m)
+    assert torch.equal(got.caption_of_image, expected.caption_of_image)
+    assert torch.equal(got.image_of_caption, expected.image_of_caption)
+    assert (sims > -torch.inf).sum(dim=1).min() >= m
+
+    model.zero_grad()
+    loss = mined_batch_loss(model, batch, CPU, 1024.0, False, 0.2, shortlist=m)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    exact_loss, exact = _loss_and_gradients(model, batch, mined=True)
+    if m >= 6:
+        assert abs(loss.item() - exact_loss.item()) <= 1e-10 * exact_loss.item()
+        assert max(_max_error(grads, exact).values()) <= 1e-10
+    else:
+        assert loss.item() <= exact_loss.item() + 1e-10  # candidates only: never harder
+
+
+def _ranked_worker(rank: int, init: str, out: str, name: str, shortlist=None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
         model = _model(name, torch.float64)
         model.zero_grad()
-        loss = mined_batch_loss(model, _batch(torch.float64), CPU, 1024.0, False, 0.2)
+        loss = mined_batch_loss(model, _batch(torch.float64), CPU, 1024.0, False, 0.2, shortlist)
         (loss / 2).backward()
         trainable = [p for p in model.parameters() if p.requires_grad]
         sum_gradients(trainable)
@@ -197,3 +261,30 @@ def test_two_gloo_ranks_mine_like_one_process(tmp_path, name):
         assert abs(ranked_loss - loss) <= 1e-10 * loss, rank
         assert grads.keys() == truth.keys()
         assert max(_max_error(grads, truth).values()) <= 1e-10, rank
+
+
+def test_two_gloo_ranks_shortlist_mine_like_one_process(tmp_path):
+    """The same with shortlist mining (2 candidates): every rank builds the same candidate
+    set from the gathered step-1 scores and scores its own captions' candidates."""
+    out = str(tmp_path / "rank")
+    args = (f"file://{tmp_path / 'pg'}", out, "imram_full", 2)
+    mp.spawn(_ranked_worker, args=args, nprocs=2, join=True)
+    model = _model("imram_full", torch.float64)
+    loss = mined_batch_loss(model, _batch(torch.float64), CPU, 1024.0, False, 0.2, shortlist=2)
+    loss.backward()
+    truth = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    for rank in range(2):
+        ranked_loss, grads = torch.load(f"{out}.{rank}")
+        assert abs(ranked_loss - loss.detach()) <= 1e-10 * loss.detach(), rank
+        assert max(_max_error(grads, truth).values()) <= 1e-10, rank
+
+
+@pytest.mark.parametrize("name", ["vsepp", "scan_i2t"])
+def test_shortlist_mining_without_a_cheaper_first_step_is_exact(name):
+    """Embedding models and K=1 models have no cheaper score to shortlist by: they mine
+    exactly whatever the shortlist size."""
+    model = _model(name, torch.float64)
+    batch = _batch(torch.float64)
+    short = mined_batch_loss(model, batch, CPU, 1024.0, False, 0.2, shortlist=1)
+    exact = mined_batch_loss(model, batch, CPU, 1024.0, False, 0.2)
+    assert short.item() == exact.item()

@@ -15,6 +15,7 @@ caption is its own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from imram.data import PrecompBatch
 from imram.distributed import gather_rows, sharded_batch, split_sizes, world
+from imram.models.workspace import gather
 from imram.precision import at_least_fp32
-from imram.scoring import block_similarity
+from imram.scoring import block_similarity, score_pairs
 from imram.training.loss import hardest_negatives, hinge_from_pairs
 
 
@@ -97,6 +99,85 @@ def batch_scores(
     return _gather_columns(columns, encoded)
 
 
+def _owned_pairs(candidates: Tensor, encoded: EncodedBatch) -> tuple[Tensor, Tensor, list[int]]:
+    """The ``(rows, cols)`` of a ``[B, B]`` candidate mask in rank order (each rank's caption
+    columns in turn, row-major inside), and each rank's count: how gathered pair scores line
+    up."""
+    rows, cols, counts, start = [], [], [], 0
+    for size in encoded.sizes:
+        r, c = torch.nonzero(candidates[:, start : start + size], as_tuple=True)
+        rows.append(r)
+        cols.append(c + start)
+        counts.append(len(r))
+        start += size
+    return torch.cat(rows), torch.cat(cols), counts
+
+
+COARSE_ROWS = 16  # images per block of step-1 scores: 2.3x the rate of one [B, B] block
+
+
+def _first_step_scores(model: nn.Module, encoded: EncodedBatch) -> Tensor:
+    """Step-1 scores of every image against this rank's captions, in rows of
+    :data:`COARSE_ROWS` images (the captions' step-1 terms prepared once)."""
+    images, lengths = encoded.images, encoded.lengths
+    captions = model.prepare_captions(encoded.captions, lengths, steps=1)
+    rows = [
+        model.first_step_similarity(images[i : i + COARSE_ROWS], captions, lengths)
+        for i in range(0, images.shape[0], COARSE_ROWS)
+    ]
+    return torch.cat(rows)
+
+
+def mining_scores(
+    model: nn.Module, encoded: EncodedBatch, budget_mb: float, shortlist: int | None = None
+) -> Tensor:
+    """The ``[B, B]`` scores (no autograd, fp32 at least, equal on every rank) that choose the
+    hardest negatives: every pair's, or with ``shortlist`` = m only the pairs among each
+    image's m best captions and each caption's m best images by the step-1 score
+    (``model.first_step_similarity``), the others −inf. The choice is exact whenever each
+    query's hardest negative is among its candidates; models without a cheaper first step
+    (K=1, embedding models) score every pair."""
+    images, captions, lengths = encoded.images, encoded.captions, encoded.lengths
+    n = images.shape[0]
+    cheaper = getattr(model, "first_step_similarity", None) is not None and model.config.steps > 1
+    if shortlist is None or not cheaper or shortlist >= n - 1:
+        columns = block_similarity(model, images, captions, lengths, budget_mb=budget_mb)
+        return _gather_columns(at_least_fp32(columns), encoded)
+    coarse = _gather_columns(at_least_fp32(_first_step_scores(model, encoded)), encoded)
+    coarse = coarse.masked_fill(torch.eye(n, dtype=torch.bool, device=coarse.device), -math.inf)
+    candidates = torch.zeros(n, n, dtype=torch.bool, device=coarse.device)
+    candidates.scatter_(1, coarse.topk(shortlist, dim=1).indices, True)
+    candidates.scatter_(0, coarse.topk(shortlist, dim=0).indices, True)
+    rows, cols, counts = _owned_pairs(candidates, encoded)
+    mine = slice(sum(counts[: encoded.rank]), sum(counts[: encoded.rank + 1]))
+    scores = score_pairs(
+        model, images, captions, lengths, rows[mine], cols[mine] - encoded.mine.start, budget_mb
+    ).to(images.device)
+    if encoded.sharded:
+        scores = gather_rows(scores[:, None], counts)[:, 0]
+    sims = torch.full((n, n), -math.inf, dtype=scores.dtype, device=coarse.device)
+    sims[rows, cols] = scores
+    return sims
+
+
+def _rescore(
+    model: nn.Module, images: Tensor, captions: Tensor, lengths: Tensor, rows: Tensor, cols: Tensor
+) -> Tensor:
+    """Scores (with autograd) of the pairs (image ``rows[p]``, caption ``cols[p]``): each item's
+    terms prepared once, then gathered per pair by ``index_select``, whose backward sums the
+    rows of repeated items in a fixed order (``x[idx]``'s index_put_ does not, on CPU threads),
+    so that resume stays bitwise."""
+    prepare_images = getattr(model, "prepare_images", None)
+    prepare_captions = getattr(model, "prepare_captions", None)
+    if prepare_images is None or prepare_captions is None:
+        return model.pair_similarity(
+            gather(images, rows), gather(captions, cols), lengths.index_select(0, cols)
+        )
+    image_side = prepare_images(images).take(rows)
+    caption_side = prepare_captions(captions, lengths).take(cols)
+    return model.pair_similarity(image_side, caption_side, caption_side.lengths)
+
+
 def mined_batch_loss(
     model: nn.Module,
     batch: PrecompBatch,
@@ -104,19 +185,17 @@ def mined_batch_loss(
     budget_mb: float,
     checkpoint: bool,
     margin: float,
+    shortlist: int | None = None,
 ) -> Tensor:
     """The hardest-negative hinge loss of a global batch from 3·B re-scored pairs (see the
     module docstring), equal on every rank. ``checkpoint`` recomputes the re-scored pairs in
-    the backward pass."""
+    the backward pass; ``shortlist``: mine among each query's best candidates by the step-1
+    score only (:func:`mining_scores`)."""
     encoded = encode_batch(model, batch, device)
     n = encoded.images.shape[0]
     with torch.no_grad():
-        columns = block_similarity(
-            model, encoded.images, encoded.captions, encoded.lengths, budget_mb=budget_mb
-        )
-        sims = _gather_columns(at_least_fp32(columns), encoded)
-        hardest = hardest_negatives(sims)
-        every = torch.arange(n, device=sims.device)
+        hardest = hardest_negatives(mining_scores(model, encoded, budget_mb, shortlist))
+        every = torch.arange(n, device=encoded.images.device)
         rows = torch.cat([every, every, hardest.image_of_caption])
         cols = torch.cat([every, hardest.caption_of_image, every])
         # Each pair is scored by the rank that holds its caption; pairs travel in rank order.
@@ -127,19 +206,11 @@ def mined_batch_loss(
         start = sum(counts[: encoded.rank])
         local = order[start : start + counts[encoded.rank]]
     local_cols = cols[local] - encoded.mine.start
-    # index_select, not ``x[idx]``: its backward (index_add_) sums the rows of repeated items in
-    # a fixed order, where index_put_'s accumulation on CPU threads does not (resume stays bitwise).
-    args = (
-        encoded.images.index_select(0, rows[local]),
-        encoded.captions.index_select(0, local_cols),
-        encoded.lengths[local_cols],
-    )
+    args = (encoded.images, encoded.captions, encoded.lengths, rows[local], local_cols)
     if checkpoint and torch.is_grad_enabled():
-        scores = torch.utils.checkpoint.checkpoint(
-            model.pair_similarity, *args, use_reentrant=False
-        )
+        scores = torch.utils.checkpoint.checkpoint(_rescore, model, *args, use_reentrant=False)
     else:
-        scores = model.pair_similarity(*args)
+        scores = _rescore(model, *args)
     scores = at_least_fp32(scores)  # fp16/bf16 pair scores widen; fp64 stays fp64
     if encoded.sharded:
         scores = gather_rows(scores[:, None], counts)[:, 0]

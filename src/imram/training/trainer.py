@@ -265,8 +265,11 @@ def train(
         the gathered matrix and the norm from the summed gradients."""
         budget, recompute = tc.score_budget_mb, tc.activation_checkpointing
         with autocast(config.precision, device):
-            if hardest and tc.mining == "exact":
-                loss = mined_batch_loss(model, batch, device, budget, recompute, tc.margin)
+            if hardest and tc.mining != "off":
+                shortlist = tc.mining_shortlist if tc.mining == "shortlist" else None
+                loss = mined_batch_loss(
+                    model, batch, device, budget, recompute, tc.margin, shortlist
+                )
             else:
                 sims = batch_scores(model, batch, device, budget, recompute)
                 loss = triplet_loss(sims.float(), tc.margin, hardest)

@@ -195,6 +195,21 @@ def _update(
     return memory.combine(per_pair(current, 3), c, pre)
 
 
+def _take_side(
+    side: QuerySide | ContextSide | None,
+    rows: Tensor,
+    length: int,
+    whole: Tensor,
+    gathered: Tensor,
+    slot: str | None,
+) -> QuerySide | ContextSide | None:
+    """``side.take``, reusing ``gathered`` (the rows of ``whole``) when the side's fragments
+    are ``whole`` itself, as prepared sides' are."""
+    if side is None:
+        return None
+    return side.take(rows, length, gathered if side.emb is whole else None, slot)
+
+
 @dataclass
 class PreparedImages:
     """An image block's per-item halves of both branches (:meth:`IMRAM.prepare_images`):
@@ -209,13 +224,8 @@ class PreparedImages:
         (into scratch buffers named after ``slot`` when given, see :func:`gather`)."""
         n = self.emb.shape[1]
         emb = gather(self.emb, rows, slot and f"{slot}.emb")
-        context = query = None
-        if self.as_context is not None:
-            shared = emb if self.as_context.emb is self.emb else None
-            context = self.as_context.take(rows, n, shared, slot and f"{slot}.context")
-        if self.as_query is not None:
-            shared = emb if self.as_query.emb is self.emb else None
-            query = self.as_query.take(rows, n, shared, slot and f"{slot}.query")
+        context = _take_side(self.as_context, rows, n, self.emb, emb, slot and f"{slot}.context")
+        query = _take_side(self.as_query, rows, n, self.emb, emb, slot and f"{slot}.query")
         return PreparedImages(emb, context, query)
 
 
@@ -236,13 +246,8 @@ class PreparedCaptions:
         lengths = self.lengths[rows]
         n = int(lengths.max())
         emb = gather(self.emb[:, :n], rows, slot and f"{slot}.emb")
-        query = context = None
-        if self.as_query is not None:
-            shared = emb if self.as_query.emb is self.emb else None
-            query = self.as_query.take(rows, n, shared, slot and f"{slot}.query")
-        if self.as_context is not None:
-            shared = emb if self.as_context.emb is self.emb else None
-            context = self.as_context.take(rows, n, shared, slot and f"{slot}.context")
+        query = _take_side(self.as_query, rows, n, self.emb, emb, slot and f"{slot}.query")
+        context = _take_side(self.as_context, rows, n, self.emb, emb, slot and f"{slot}.context")
         return PreparedCaptions(emb, lengths, query, context)
 
 

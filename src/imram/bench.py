@@ -557,8 +557,8 @@ def _training_step(args: tuple) -> tuple[float, float, float | None]:
             encoded = encode_batch(model, batch, cpu)
             exact = hardest_negatives(mining_scores(model, encoded, 1024.0))
             short = hardest_negatives(mining_scores(model, encoded, 1024.0, shape.shortlist))
-        found = (exact.caption_of_image == short.caption_of_image).sum() + (
-            exact.image_of_caption == short.image_of_caption
+        found = (exact.caption_of_image[:, 0] == short.caption_of_image[:, 0]).sum() + (
+            exact.image_of_caption[:, 0] == short.image_of_caption[:, 0]
         ).sum()
         recall = found.item() / (2 * n)
     return rate, peak, recall

@@ -148,6 +148,10 @@ class TrainConfig:
     mining: str = "exact"
     mining_shortlist: int = 4
     warmup_epochs: int = 0
+    # The warm-up's loss: 0 sums every negative's violation with every pair in autograd; m > 0
+    # charges each query's m hardest negatives through the mined step ((2m + 1)·B pairs in
+    # autograd), unless train.mining is off.
+    warmup_negatives: int = 0
     val_every: int = 0
     log_every: int = 10
     seed: int = 0
@@ -166,7 +170,13 @@ class TrainConfig:
         for key in (*counts, "mining_shortlist"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 1")
-        for key in ("warmup_epochs", "val_every", "max_minutes", "checkpoint_every"):
+        for key in (
+            "warmup_epochs",
+            "warmup_negatives",
+            "val_every",
+            "max_minutes",
+            "checkpoint_every",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 0")
         for key in ("lr", "score_budget_mb"):

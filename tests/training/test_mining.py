@@ -132,16 +132,17 @@ def test_hinge_from_pairs_is_triplet_loss():
         sims = torch.randn(n, n, generator=gen, dtype=torch.float64)
         positives = torch.rand(n, n, generator=gen) < 0.3
         for mask in (None, positives):
-            hard = hardest_negatives(sims, mask)
-            every = torch.arange(n)
-            loss = hinge_from_pairs(
-                sims.diagonal(),
-                sims[every, hard.caption_of_image],
-                sims[hard.image_of_caption, every],
-                0.2,
-                hard,
-            )
-            assert loss.item() == pytest.approx(triplet_loss(sims, 0.2, True, mask).item())
+            for count, hardest in ((1, True), (n, False)):
+                hard = hardest_negatives(sims, mask, count)
+                loss = hinge_from_pairs(
+                    sims.diagonal(),
+                    sims.gather(1, hard.caption_of_image),
+                    sims.T.gather(1, hard.image_of_caption),
+                    0.2,
+                    hard,
+                )
+                expected = triplet_loss(sims, 0.2, hardest, mask).item()
+                assert loss.item() == pytest.approx(expected), (n, count)
 
 
 def test_a_batch_of_one_has_no_negative():
@@ -288,3 +289,41 @@ def test_shortlist_mining_without_a_cheaper_first_step_is_exact(name):
     short = mined_batch_loss(model, batch, CPU, 1024.0, False, 0.2, shortlist=1)
     exact = mined_batch_loss(model, batch, CPU, 1024.0, False, 0.2)
     assert short.item() == exact.item()
+
+
+@pytest.mark.parametrize("name", ["imram_full", "scan_t2i", "vsepp"])
+@pytest.mark.parametrize("count", [2, 6])
+def test_mined_warm_up_charges_each_querys_m_hardest_negatives(name, count):
+    """``negatives`` = m charges each query's m hardest negatives: the sum of the m largest
+    violations per row and per column of the reference matrix; with m = B - 1 it is the
+    warm-up's sum over every negative, with the all-pairs step's gradients (fp64, 1e-10)."""
+    model = _model(name, torch.float64)
+    batch = _batch(torch.float64)
+    model.zero_grad()
+    loss = mined_batch_loss(model, batch, CPU, 1024.0, False, 0.2, negatives=count)
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    with torch.no_grad():
+        img = model.encode_images(batch.images)
+        cap = model.encode_captions(batch.tokens, batch.lengths)
+        sims = reference_similarity(model, img, cap, batch.lengths)
+    n = len(batch.lengths)
+    off = ~torch.eye(n, dtype=torch.bool)
+    diagonal = sims.diagonal()
+    by_row = [sorted(sims[i][off[i]].tolist(), reverse=True)[:count] for i in range(n)]
+    by_col = [sorted(sims[:, j][off[:, j]].tolist(), reverse=True)[:count] for j in range(n)]
+    expected = sum(max(0.0, 0.2 + s - diagonal[i].item()) for i in range(n) for s in by_row[i])
+    expected += sum(max(0.0, 0.2 + s - diagonal[j].item()) for j in range(n) for s in by_col[j])
+    assert abs(loss.item() - expected) <= 1e-10 * expected
+    if count >= n - 1:
+        model.zero_grad()
+        triplet_loss(batch_scores(model, batch, CPU, 1024.0, False), 0.2, False).backward()
+        truth = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        assert max(_max_error(grads, truth).values()) <= 1e-10
+
+
+def test_warm_up_negatives_is_a_checked_config_key():
+    assert load_config("f30k_full_imram", []).train.warmup_negatives == 0
+    assert load_config("vsepp", ["train.warmup_negatives=8"]).train.warmup_negatives == 8
+    with pytest.raises(ConfigError, match="train.warmup_negatives=-1 must be >= 0"):
+        load_config("vsepp", ["train.warmup_negatives=-1"])

@@ -186,18 +186,23 @@ def mined_batch_loss(
     checkpoint: bool,
     margin: float,
     shortlist: int | None = None,
+    negatives: int = 1,
 ) -> Tensor:
     """The hardest-negative hinge loss of a global batch from 3·B re-scored pairs (see the
     module docstring), equal on every rank. ``checkpoint`` recomputes the re-scored pairs in
     the backward pass; ``shortlist``: mine among each query's best candidates by the step-1
-    score only (:func:`mining_scores`)."""
+    score only (:func:`mining_scores`); ``negatives`` = m: charge each query's m hardest
+    negatives, (2m + 1)·B pairs (m ≥ B − 1: every negative, the warm-up's sum)."""
     encoded = encode_batch(model, batch, device)
     n = encoded.images.shape[0]
     with torch.no_grad():
-        hardest = hardest_negatives(mining_scores(model, encoded, budget_mb, shortlist))
+        sims = mining_scores(model, encoded, budget_mb, shortlist)
+        hardest = hardest_negatives(sims, count=negatives)
+        m = hardest.caption_of_image.shape[1]
         every = torch.arange(n, device=encoded.images.device)
-        rows = torch.cat([every, every, hardest.image_of_caption])
-        cols = torch.cat([every, hardest.caption_of_image, every])
+        each = every.repeat_interleave(m)
+        rows = torch.cat([every, each, hardest.image_of_caption.reshape(-1)])
+        cols = torch.cat([every, hardest.caption_of_image.reshape(-1), each])
         # Each pair is scored by the rank that holds its caption; pairs travel in rank order.
         bounds = torch.tensor(encoded.sizes, device=cols.device).cumsum(0)
         owner = torch.bucketize(cols, bounds, right=True)
@@ -215,5 +220,7 @@ def mined_batch_loss(
     if encoded.sharded:
         scores = gather_rows(scores[:, None], counts)[:, 0]
     scores = scores[torch.argsort(order)]  # back to (positives, caption negatives, image ones)
-    positive, caption_negative, image_negative = scores.view(3, n)
-    return hinge_from_pairs(positive, caption_negative, image_negative, margin, hardest)
+    positive, caption_negative, image_negative = scores.split([n, n * m, n * m])
+    return hinge_from_pairs(
+        positive, caption_negative.view(n, m), image_negative.view(n, m), margin, hardest
+    )

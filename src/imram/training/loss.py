@@ -43,8 +43,9 @@ def _not_negatives(sims: Tensor, positives: Tensor | None) -> Tensor:
 
 @dataclass
 class HardestNegatives:
-    """Per image the column of its highest-scoring negative caption, per caption the row of
-    its highest-scoring negative image, and whether each query has a negative at all."""
+    """Per image the columns of its ``m`` highest-scoring negative captions, per caption the
+    rows of its ``m`` highest-scoring negative images (``[B, m]`` each, best first), and
+    whether each is a negative at all (a batch may hold fewer than ``m``)."""
 
     caption_of_image: Tensor
     image_of_caption: Tensor
@@ -52,14 +53,21 @@ class HardestNegatives:
     caption_has_negative: Tensor
 
 
-def hardest_negatives(sims: Tensor, positives: Tensor | None = None) -> HardestNegatives:
+def hardest_negatives(
+    sims: Tensor, positives: Tensor | None = None, count: int = 1
+) -> HardestNegatives:
     """The negatives that :func:`triplet_loss` with ``hardest`` charges, from ``sims [B, B]``
-    (for mining: the loss needs only these pairs and the positives)."""
+    (for mining: the loss needs only these pairs and the positives); with ``count`` = m, each
+    query's m hardest (m ≥ B − 1: every negative, the warm-up's sum)."""
     masked = sims.masked_fill(_not_negatives(sims, positives), float("-inf"))
-    best_caption, caption_of_image = masked.max(dim=1)
-    best_image, image_of_caption = masked.max(dim=0)
+    m = max(1, min(count, sims.shape[0] - 1))
+    best_caption, caption_of_image = masked.topk(m, dim=1)
+    best_image, image_of_caption = masked.topk(m, dim=0)
     return HardestNegatives(
-        caption_of_image, image_of_caption, best_caption > -math.inf, best_image > -math.inf
+        caption_of_image,
+        image_of_caption.T,
+        best_caption > -math.inf,
+        best_image.T > -math.inf,
     )
 
 
@@ -70,11 +78,13 @@ def hinge_from_pairs(
     margin: float,
     hardest: HardestNegatives,
 ) -> Tensor:
-    """:func:`triplet_loss` with ``hardest`` from the scores it depends on: ``positive[b]``
-    of pair b, ``caption_negative[b]`` of image b with its hardest caption and
-    ``image_negative[b]`` of caption b with its hardest image (:func:`hardest_negatives`)."""
-    cost_caption = (margin + caption_negative - positive).clamp_min(0)
-    cost_image = (margin + image_negative - positive).clamp_min(0)
+    """:func:`triplet_loss` from the scores it depends on: ``positive[b]`` of pair b,
+    ``caption_negative[b, k]`` of image b with its k-th hardest caption and
+    ``image_negative[b, k]`` of caption b with its k-th hardest image
+    (:func:`hardest_negatives`): with one negative each, ``hardest``; with every negative, the
+    sum."""
+    cost_caption = (margin + caption_negative - positive[:, None]).clamp_min(0)
+    cost_image = (margin + image_negative - positive[:, None]).clamp_min(0)
     cost_caption = cost_caption.masked_fill(~hardest.image_has_negative, 0)
     cost_image = cost_image.masked_fill(~hardest.caption_has_negative, 0)
     return cost_caption.sum() + cost_image.sum()

@@ -265,10 +265,11 @@ def train(
         the gathered matrix and the norm from the summed gradients."""
         budget, recompute = tc.score_budget_mb, tc.activation_checkpointing
         with autocast(config.precision, device):
-            if hardest and tc.mining != "off":
+            negatives = 1 if hardest else tc.warmup_negatives
+            if tc.mining != "off" and negatives > 0:
                 shortlist = tc.mining_shortlist if tc.mining == "shortlist" else None
                 loss = mined_batch_loss(
-                    model, batch, device, budget, recompute, tc.margin, shortlist
+                    model, batch, device, budget, recompute, tc.margin, shortlist, negatives
                 )
             else:
                 sims = batch_scores(model, batch, device, budget, recompute)

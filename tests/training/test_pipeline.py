@@ -85,6 +85,21 @@ def test_resume_mid_epoch_from_time_budget(toy_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize(
+    "mining", [["train.warmup_negatives=3"], ["train.mining=shortlist", "train.mining_shortlist=2"]]
+)
+def test_mined_warm_up_and_shortlist_train_and_resume_bitwise(toy_data, tmp_path, mining):
+    """The warm-up through the mined step (m hardest negatives) and shortlist mining train the
+    toy well above chance and resume after epoch one to the same weights, bit for bit."""
+    extra = ("train.epochs=3", *mining)
+    whole = train(_config(*extra), toy_data, tmp_path / "whole", progress=False)
+    train(_config(*extra[1:], "train.epochs=1"), toy_data, tmp_path / "split", progress=False)
+    resumed = train(_config(*extra), toy_data, tmp_path / "split", resume=True, progress=False)
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.best_rsum == whole.best_rsum > 3 * chance_metrics(25, 125)["rsum"]
+
+
 def test_run_directory_is_not_overwritten(toy_data, tmp_path):
     train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
     argv = ["train", "--config", "vsepp", "--data", str(toy_data), "--out", str(tmp_path / "run")]

@@ -107,3 +107,15 @@ def test_bench_two_stage_synthetic_times_the_pair_path_beside_the_engine():
     assert rows[1][3] == rows[2][3]  # k above the largest timed one takes its rate
     assert float(rows[0][4].rstrip("x")) > 0
     assert "k above 3: the k=3 rate" in lines[-1]
+
+
+def test_bench_two_stage_synthetic_restores_the_thread_count():
+    import torch
+
+    from imram.bench import bench_two_stage_synthetic
+
+    before = torch.get_num_threads()
+    bench_two_stage_synthetic(
+        n_images=20, n_captions=100, ks=(2,), timed=(8, 40, 2), dim=16, regions=4, threads=1
+    )
+    assert torch.get_num_threads() == before

@@ -204,6 +204,7 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from imram.bench import (
+        EMBEDDING_MODELS,
         TrainingShape,
         bench_low_precision_scoring,
         bench_scoring,
@@ -237,7 +238,7 @@ def _bench(args: argparse.Namespace) -> int:
                 )
                 print(format_training(results, shape), flush=True)
         low = [p for p in args.precisions if p != "fp32"]
-        names = tuple(n for n in names if n not in ("vsepp", "member"))
+        names = tuple(n for n in names if n not in EMBEDDING_MODELS)
         if low and not args.no_scoring:
             scoring = bench_low_precision_scoring(
                 tuple((name, steps_k) for name in names),

@@ -304,17 +304,18 @@ def score_pairs(
         for start in range(begin, end, chunk):
             idx = order[start : min(start + chunk, end)].to(rows.device)
             local = position[idx] - g * group
-            captions, caption_of = torch.unique(cols[idx], return_inverse=True)
+            pair_cols = cols[idx]
+            captions, caption_of = torch.unique(pair_cols, return_inverse=True)
             if prepare_captions is not None:
                 prepared = prepare_captions(caption_emb[captions], lengths[captions])
                 side = prepared.take(caption_of, slot="pairs.captions")
             else:
-                side = caption_emb[cols[idx]]
+                side = caption_emb[pair_cols]
             if prepare_images is not None:
                 pair_images = image_side.take(local, slot="pairs.images")
             else:
                 pair_images = image_side[local]
-            scores = model.pair_similarity(pair_images, side, lengths[cols[idx]])
+            scores = model.pair_similarity(pair_images, side, lengths[pair_cols])
             out[idx.cpu()] = scores.to(out.dtype).cpu()
             bar.update(len(idx))
         begin = end

@@ -99,18 +99,16 @@ def batch_scores(
     return _gather_columns(columns, encoded)
 
 
-def _owned_pairs(candidates: Tensor, encoded: EncodedBatch) -> tuple[Tensor, Tensor, list[int]]:
-    """The ``(rows, cols)`` of a ``[B, B]`` candidate mask in rank order (each rank's caption
-    columns in turn, row-major inside), and each rank's count: how gathered pair scores line
-    up."""
-    rows, cols, counts, start = [], [], [], 0
-    for size in encoded.sizes:
-        r, c = torch.nonzero(candidates[:, start : start + size], as_tuple=True)
-        rows.append(r)
-        cols.append(c + start)
-        counts.append(len(r))
-        start += size
-    return torch.cat(rows), torch.cat(cols), counts
+def _by_owner(cols: Tensor, encoded: EncodedBatch) -> tuple[Tensor, list[int], Tensor]:
+    """Pairs (by caption column) in the order they travel: each is scored by the rank that
+    holds its caption, ranks in turn. Returns that order, each rank's count, and the pairs
+    this rank scores."""
+    bounds = torch.tensor(encoded.sizes, device=cols.device).cumsum(0)
+    owner = torch.bucketize(cols, bounds, right=True)
+    order = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=len(encoded.sizes)).tolist()
+    start = sum(counts[: encoded.rank])
+    return order, counts, order[start : start + counts[encoded.rank]]
 
 
 COARSE_ROWS = 16  # images per block of step-1 scores: 2.3x the rate of one [B, B] block
@@ -148,15 +146,15 @@ def mining_scores(
     candidates = torch.zeros(n, n, dtype=torch.bool, device=coarse.device)
     candidates.scatter_(1, coarse.topk(shortlist, dim=1).indices, True)
     candidates.scatter_(0, coarse.topk(shortlist, dim=0).indices, True)
-    rows, cols, counts = _owned_pairs(candidates, encoded)
-    mine = slice(sum(counts[: encoded.rank]), sum(counts[: encoded.rank + 1]))
+    rows, cols = torch.nonzero(candidates, as_tuple=True)
+    order, counts, local = _by_owner(cols, encoded)
     scores = score_pairs(
-        model, images, captions, lengths, rows[mine], cols[mine] - encoded.mine.start, budget_mb
+        model, images, captions, lengths, rows[local], cols[local] - encoded.mine.start, budget_mb
     ).to(images.device)
     if encoded.sharded:
         scores = gather_rows(scores[:, None], counts)[:, 0]
     sims = torch.full((n, n), -math.inf, dtype=scores.dtype, device=coarse.device)
-    sims[rows, cols] = scores
+    sims[rows[order], cols[order]] = scores
     return sims
 
 
@@ -203,13 +201,7 @@ def mined_batch_loss(
         each = every.repeat_interleave(m)
         rows = torch.cat([every, each, hardest.image_of_caption.reshape(-1)])
         cols = torch.cat([every, hardest.caption_of_image.reshape(-1), each])
-        # Each pair is scored by the rank that holds its caption; pairs travel in rank order.
-        bounds = torch.tensor(encoded.sizes, device=cols.device).cumsum(0)
-        owner = torch.bucketize(cols, bounds, right=True)
-        order = torch.argsort(owner, stable=True)
-        counts = torch.bincount(owner, minlength=len(encoded.sizes)).tolist()
-        start = sum(counts[: encoded.rank])
-        local = order[start : start + counts[encoded.rank]]
+        order, counts, local = _by_owner(cols, encoded)
     local_cols = cols[local] - encoded.mine.start
     args = (encoded.images, encoded.captions, encoded.lengths, rows[local], local_cols)
     if checkpoint and torch.is_grad_enabled():

@@ -119,3 +119,25 @@ def test_bench_two_stage_synthetic_restores_the_thread_count():
         n_images=20, n_captions=100, ks=(2,), timed=(8, 40, 2), dim=16, regions=4, threads=1
     )
     assert torch.get_num_threads() == before
+
+
+def test_bench_time_to_accuracy_trains_each_preset_and_keeps_finished_runs(
+    toy_data, tmp_path, capsys
+):
+    from imram.cli import main
+    from imram.training.curves import read_curve
+
+    small = ["model.img_dim=32", "model.embed_dim=32", "train.epochs=2", "data.vocab_glove_top=500"]
+    argv = ["bench", "training", "--time-to-accuracy", str(toy_data), "--out", str(tmp_path)]
+    argv += ["--presets", "cpu_full_imram", "cpu_vsepp", "--no-progress"]
+    argv += [arg for item in small for arg in ("--set", item)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    vsepp = read_curve(tmp_path / "cpu_vsepp")
+    best = max(c["val_rsum"] for c in vsepp)
+    assert f"reach cpu_vsepp's best dev rsum ({best:.1f})" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| cpu_")]
+    assert [row.split(" | ")[0] for row in rows] == ["| cpu_full_imram", "| cpu_vsepp"]
+    assert [len(read_curve(tmp_path / p)) for p in ("cpu_full_imram", "cpu_vsepp")] == [2, 2]
+    assert main(argv) == 0  # finished runs are kept: the same curves, the same table
+    assert capsys.readouterr().out == printed

@@ -13,7 +13,8 @@ from imram.cli import main
 from imram.data import PrecompDataset
 from imram.features.extract import ExtractorConfig
 from imram.prepare import prepare_tuxpaint
-from imram.quickstart import MODELS, best_by, collapsed_loss, equal_time_section, run_quickstart
+from imram.quickstart import MODELS, collapsed_loss, equal_time_section, run_quickstart
+from imram.training.curves import best_by, seconds_to_reach, time_to_accuracy_section
 
 SMALL = ["model.embed_dim=32", "train.epochs=1", "train.batch_size=64", "data.vocab_glove_top=500"]
 
@@ -48,8 +49,14 @@ def test_quickstart_writes_a_report_of_three_models_beside_chance(tmp_path):
         assert 0 <= model["metrics"]["rsum"] <= 600 and model["curve"][0]["epoch"] == 1
     text = result.report_md.read_text()
     assert "| chance |" in text and "Equal training time (Full-IMRAM against VSE++)" in text
-    # Results: header, 3 models, chance; equal time: header, 2 models.
-    assert text.count("\n| ") == 8
+    assert "Time to accuracy" in text
+    # Results: header, 3 models, chance; equal time: header, 2 models; time to accuracy:
+    # header, 3 models.
+    assert text.count("\n| ") == 12
+    reach = payload["time_to_accuracy"]
+    vsepp = next(m for m in payload["models"] if m["model"] == "VSE++")
+    assert reach["dev_rsum"] == max(c["val_rsum"] for c in vsepp["curve"])
+    assert reach["minutes"]["VSE++"] * 60 == seconds_to_reach(vsepp["curve"], reach["dev_rsum"])
     for model in payload["models"]:
         assert model["train_seconds"] == model["curve"][-1]["train_seconds"] > 0
     # A second run reuses the data and the finished runs.
@@ -68,12 +75,33 @@ def _run(model, seconds_and_rsum, samples=100):
 
 
 def test_collapsed_loss_and_best_by():
-    assert collapsed_loss(32, 0.2, hardest=True) == pytest.approx(12.8)
-    assert collapsed_loss(32, 0.2, hardest=False) == pytest.approx(2 * 32 * 31 * 0.2)
+    assert collapsed_loss(32, 0.2, negatives=1) == pytest.approx(12.8)
+    assert collapsed_loss(32, 0.2, negatives=0) == pytest.approx(2 * 32 * 31 * 0.2)
+    assert collapsed_loss(32, 0.2, negatives=4) == pytest.approx(2 * 32 * 4 * 0.2)
+    assert collapsed_loss(4, 0.2, negatives=10) == pytest.approx(2 * 4 * 3 * 0.2)
     curve = _run("a", [(10, 100), (20, 150), (30, 120)])["curve"]
     assert best_by(curve, 5) is None
     assert best_by(curve, 20) == 150 and best_by(curve, 100) == 150
     assert best_by(curve, 15) == 100
+
+
+def test_time_to_accuracy_against_the_reference_best():
+    slow = _run("A", [(60, 200), (120, 300), (180, 310)])
+    fast = _run("B", [(6, 250), (12, 280), (18, 270)])
+    assert (
+        seconds_to_reach(slow["curve"], 280) == 120 and seconds_to_reach(slow["curve"], 311) is None
+    )
+    assert seconds_to_reach(fast["curve"], 250) == 6
+    lines = time_to_accuracy_section([slow, fast], "B")
+    assert "reach B's best dev rsum (280.0)" in lines[0]
+    assert lines[2].endswith("| min to 280 | min to 90% (252) |")
+    assert lines[4] == "| A | 2 | 1.0: 200, 2.0: 300, 3.0: 310 | 310.0 (3.0) | 2.0 | 2.0 |"
+    assert lines[5] == "| B | 17 | 0.1: 250, 0.2: 280, 0.3: 270 | 280.0 (0.2) | 0.2 | 0.2 |"
+    worse = _run("A", [(60, 200), (120, 230)])
+    assert time_to_accuracy_section([worse, fast], "B")[4].endswith(
+        "| not reached in 2.0 | not reached in 2.0 |"
+    )
+    assert time_to_accuracy_section([worse], "B") == []  # no reference: no section
 
 
 def test_equal_time_verdicts():

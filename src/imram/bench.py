@@ -684,3 +684,42 @@ def format_training(results: list[TrainingResult], shape: TrainingShape) -> str:
                     line += f" (shortlist mining, m={shape.shortlist}: {short:.3f})"
                 lines.append(line)
     return "\n".join(lines)
+
+
+TIME_TO_ACCURACY_PRESETS = ("cpu_full_imram", "cpu_vsepp")
+
+
+def bench_time_to_accuracy(
+    data: str | Path,
+    presets: tuple[str, ...] = TIME_TO_ACCURACY_PRESETS,
+    out: str | Path = "runs/time_to_accuracy",
+    minutes: float = 0.0,
+    overrides: list[str] | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Train each preset on ``data`` into ``out/<preset>`` (a finished run is kept, an
+    interrupted one resumed; ``minutes`` > 0: a training budget each), then the markdown of
+    dev rsum against training minutes, with the minutes each needed to reach the best dev
+    rsum of the last preset (the baseline)."""
+    from imram.config import load_config
+    from imram.training.curves import read_curve, time_to_accuracy_section
+    from imram.training.trainer import default_device, train
+
+    device = device or str(default_device())
+    budget = [f"train.max_minutes={minutes}"] if minutes else []
+    rows = []
+    for preset in presets:
+        config = load_config(preset, [*(overrides or []), *budget])
+        run = Path(out) / preset
+        resume = (run / "last" / "checkpoint.json").is_file()
+        train(config, data, run, resume=resume, device=device, progress=progress)
+        curve = read_curve(run)
+        steps = max((c["iteration"] or 0 for c in curve), default=0)
+        rows.append(
+            {"model": preset, "curve": curve, "train_samples": steps * config.train.batch_size}
+        )
+    section = time_to_accuracy_section(rows, presets[-1])
+    header = f"time to accuracy on {data} (runs in {out}; training budget "
+    header += f"{minutes:g} min each)" if minutes else "the presets' epochs)"
+    return "\n".join([header, "", *section])

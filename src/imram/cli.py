@@ -205,9 +205,11 @@ def _ensemble(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from imram.bench import (
         EMBEDDING_MODELS,
+        TIME_TO_ACCURACY_PRESETS,
         TrainingShape,
         bench_low_precision_scoring,
         bench_scoring,
+        bench_time_to_accuracy,
         bench_topk_memory,
         bench_training,
         bench_two_stage,
@@ -218,6 +220,18 @@ def _bench(args: argparse.Namespace) -> int:
         low_precision_rsum,
     )
 
+    if args.what == "training" and args.time_to_accuracy:
+        print(
+            bench_time_to_accuracy(
+                args.time_to_accuracy,
+                tuple(args.presets or TIME_TO_ACCURACY_PRESETS),
+                args.out,
+                args.minutes,
+                args.set,
+                progress=not args.no_progress,
+            )
+        )
+        return 0
     if args.what == "training":
         names = tuple(args.models or ["imram_full", "imram_text", "imram_image", "vsepp"])
         steps_k = (args.steps or [3])[0]
@@ -458,6 +472,7 @@ def _print_hits(args: argparse.Namespace, hits: list) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from imram.config import PRECISIONS
     from imram.metrics import PROTOCOLS
 
     parser = argparse.ArgumentParser(
@@ -509,7 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--save-sims", help="save the similarity matrix (.npy)")
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument(
-        "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype"
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="autocast dtype (auto: bf16 where the hardware has bf16 matrix units)",
     )
     evaluate.add_argument(
         "--against-fp32",
@@ -638,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--precisions",
         nargs="+",
-        choices=["fp32", "bf16", "fp16"],
+        choices=PRECISIONS[:3],
         default=["fp32", "bf16"],
         help="training: precisions to measure (default fp32 bf16)",
     )
@@ -657,6 +675,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="training: skip the low-precision scoring section",
     )
+    bench.add_argument(
+        "--time-to-accuracy",
+        metavar="DATA",
+        help="training: train --presets on this precomp folder and report dev rsum against "
+        "training minutes instead of steps/s",
+    )
+    bench.add_argument(
+        "--presets",
+        nargs="+",
+        help="time to accuracy: presets to train, the baseline last (default: the CPU "
+        "presets of Full-IMRAM and VSE++)",
+    )
+    bench.add_argument(
+        "--minutes", type=float, default=0.0, help="time to accuracy: training budget per preset"
+    )
+    bench.add_argument(
+        "--out", default="runs/time_to_accuracy", help="time to accuracy: where the runs go"
+    )
+    bench.add_argument(
+        "--set", action="append", default=[], help="time to accuracy: key=value for every preset"
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument("--first", help="two-stage: the shortlisting (embedding) checkpoint")
     bench.add_argument("--second", help="two-stage: the re-ranking (IMRAM) checkpoint")
     bench.add_argument("--data", help="two-stage, training: precomp folder")

@@ -124,7 +124,7 @@ class ModelConfig:
         return cls(**values)
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MINING = ("exact", "shortlist", "off")
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from imram.data import PrecompDataset, pad_captions
 from imram.errors import DataError
 from imram.metrics import evaluate_sims
-from imram.precision import autocast
+from imram.precision import autocast, resolve_precision
 from imram.scoring import distributed_similarity, score_gallery
 
 
@@ -91,7 +91,8 @@ def evaluate_model(
     progress: bool = False,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """Score the split (or its first ``max_captions`` captions and their images), scoring under
-    ``precision`` (``fp32``, ``bf16`` or ``fp16`` autocast; fragments are encoded in fp32).
+    ``precision`` (``fp32``, ``bf16`` or ``fp16`` autocast, or ``auto``: bf16 where the
+    hardware has bf16 matrix units; fragments are encoded in fp32).
 
     ``against_fp32`` (with a low precision) scores the split a second time in fp32 and adds
     ``fp32_rsum``, ``rsum_vs_fp32`` (this rsum minus fp32's) and ``max_score_diff_vs_fp32``
@@ -99,6 +100,7 @@ def evaluate_model(
     ``progress`` shows a bar with pairs/s while a single process scores.
     Returns the metrics, the ``[n_images, n_captions]`` float32 matrix and its cap2img.
     """
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     n_cap = (

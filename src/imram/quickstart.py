@@ -17,6 +17,7 @@ from imram.config import load_config
 from imram.data import PrecompDataset
 from imram.data.text import atomic_write_text
 from imram.metrics import METRIC_KEYS, chance_metrics, format_table
+from imram.training.curves import best_by, read_curve, seconds_to_reach, time_to_accuracy_section
 
 MODELS = (
     ("Full-IMRAM", "quickstart_full_imram"),
@@ -33,49 +34,12 @@ class QuickstartResult:
     seconds: float
 
 
-def collapsed_loss(batch_size: int, margin: float, hardest: bool) -> float:
+def collapsed_loss(batch_size: int, margin: float, negatives: int) -> float:
     """The hinge loss of a batch whose scores are all equal (the plateau a model can sit on):
-    every negative violates by ``margin``, both ways; only the hardest counts per query."""
-    negatives = 1 if hardest else batch_size - 1
-    return 2 * batch_size * negatives * margin
-
-
-def _curve(run: Path) -> list[dict[str, Any]]:
-    """Per epoch, from the run's ``metrics.jsonl``: mean training loss, the loss mode
-    (hardest negative or the warm-up's sum), validation rsum and the training seconds by then."""
-    epochs: dict[int, dict[str, Any]] = {}
-    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        event = json.loads(line)
-        row = epochs.setdefault(event.get("epoch", -1), {"losses": []})
-        if event["event"] == "train":
-            row["losses"].append(event["loss"])
-            row["hardest"] = event.get("hardest", True)
-        elif event["event"] == "val":
-            row["val_rsum"] = event["rsum"]
-            row["train_seconds"] = event.get("train_seconds")
-    return [
-        {
-            "epoch": epoch + 1,
-            "loss": sum(r["losses"]) / len(r["losses"]) if r["losses"] else None,
-            "hardest": r.get("hardest", True),
-            "val_rsum": r.get("val_rsum"),
-            "train_seconds": r.get("train_seconds"),
-        }
-        for epoch, r in sorted(epochs.items())
-        if epoch >= 0
-    ]
-
-
-def best_by(curve: list[dict[str, Any]], seconds: float) -> float | None:
-    """The best validation rsum a run had reached within ``seconds`` of training."""
-    reached = [
-        c["val_rsum"]
-        for c in curve
-        if c["val_rsum"] is not None
-        and c["train_seconds"] is not None
-        and c["train_seconds"] <= seconds
-    ]
-    return max(reached) if reached else None
+    each query's ``negatives`` charged negatives (1 with the hardest negative; the warm-up's
+    ``train.warmup_negatives``, or all ``batch_size − 1`` when that is 0) violate by
+    ``margin``, both ways."""
+    return 2 * batch_size * min(negatives or batch_size - 1, batch_size - 1) * margin
 
 
 def caption_statistics(dataset: PrecompDataset) -> dict[str, float]:
@@ -161,6 +125,26 @@ def equal_time_section(
     return lines
 
 
+def _minutes_to_reference(rows: list[dict[str, Any]], reference: str) -> dict[str, Any]:
+    """The reference's best dev rsum and the training minutes each model needed to reach it
+    (None: not reached)."""
+    curves = {r["model"]: r["curve"] for r in rows}
+    if reference not in curves:
+        return {}
+    target = max(c["val_rsum"] or 0.0 for c in curves[reference])
+    reached = {name: seconds_to_reach(curve, target) for name, curve in curves.items()}
+    return {
+        "reference": reference,
+        "dev_rsum": target,
+        "minutes": {k: None if v is None else v / 60 for k, v in reached.items()},
+    }
+
+
+def _charged(row: dict[str, Any], point: dict[str, Any]) -> int:
+    """Negatives charged per query in an epoch of ``row``'s run (0: every one)."""
+    return 1 if point["hardest"] else row.get("warmup_negatives", 0)
+
+
 def _folder_version(data: Path) -> int | None:
     """The ``format_version`` of a prepared folder's ``meta.json``, or None without one."""
     try:
@@ -219,7 +203,7 @@ def run_quickstart(
         checkpoint = load_checkpoint(run / "best")
         dataset = PrecompDataset(data, "test", checkpoint.vocab)
         metrics, _, _ = evaluate_model(checkpoint.model.to(device), dataset, "1k", device=device)
-        curve = _curve(run)
+        curve = read_curve(run)
         if curve and curve[-1]["train_seconds"] is not None:  # summed over resumes, no validation
             train_seconds = curve[-1]["train_seconds"]
         train_set = PrecompDataset(data, config.data.train_split, None)
@@ -232,6 +216,7 @@ def run_quickstart(
                 "train_samples": train_set.num_captions * len(curve),
                 "batch_size": config.train.batch_size,
                 "margin": config.train.margin,
+                "warmup_negatives": config.train.warmup_negatives,
                 "best_epoch": max(curve, key=lambda c: c["val_rsum"] or 0.0)["epoch"],
                 "metrics": {k: metrics[k] for k in METRIC_KEYS},
                 "curve": curve,
@@ -249,6 +234,7 @@ def run_quickstart(
     meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
     payload = {
         "data": str(data),
+        "time_to_accuracy": _minutes_to_reference(rows, "VSE++"),
         "test_images": test.num_images,
         "test_captions": test.num_captions,
         "extractor": meta.get("extractor"),
@@ -264,7 +250,7 @@ def run_quickstart(
     for r in rows:
         cells = ", ".join(
             f"{c['epoch']}{'' if c['hardest'] else 'w'}: {c['loss']:.2f} "
-            f"({c['loss'] / collapsed_loss(r['batch_size'], r['margin'], c['hardest']):.2f}) "
+            f"({c['loss'] / collapsed_loss(r['batch_size'], r['margin'], _charged(r, c)):.2f}) "
             f"/ {c['val_rsum']:.0f}"
             for c in r["curve"]
             if c["loss"] is not None and c["val_rsum"] is not None
@@ -280,12 +266,15 @@ def run_quickstart(
             "",
             table,
             "",
-            "Training curves (epoch, `w` = warm-up epoch summing every negative: mean loss "
-            "(its ratio to the collapsed loss, all scores equal: 2·batch·margin with the "
-            "hardest negative, 2·batch·(batch-1)·margin in warm-up) / dev rsum):",
+            "Training curves (epoch, `w` = warm-up epoch charging m negatives per query, all "
+            "of them or train.warmup_negatives: mean loss (its ratio to the collapsed loss, "
+            "all scores equal: 2·batch·margin with the hardest negative, 2·batch·m·margin in "
+            "warm-up) / dev rsum):",
             *curves,
             "",
             *equal_time_section(rows, "Full-IMRAM", "VSE++", train_data),
+            "",
+            *time_to_accuracy_section(rows, "VSE++"),
             "",
             f"Whole run {seconds / 60:.1f} min (data preparation {prepare_seconds:.0f} s).",
             "",

@@ -26,7 +26,7 @@ from imram.distributed import any_rank, barrier, broadcast_object, sum_gradients
 from imram.errors import ConfigError, DataError, TrainingError
 from imram.evaluation import evaluate_model
 from imram.models import build_model
-from imram.precision import autocast
+from imram.precision import autocast, resolve_precision
 from imram.training.batch import batch_scores, mined_batch_loss
 from imram.training.checkpoint import (
     load_trainer_state,
@@ -217,8 +217,11 @@ def train(
         load_weights(model, load_file(weights, device=str(device)), str(weights))
         load_trainer_state(last_dir, optimizer)
         state.update(meta["state"])
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    precision = resolve_precision(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = _Log(run / "metrics.jsonl" if lead else None)
+    if precision != config.precision:
+        log.write(event="precision", configured=config.precision, resolved=precision)
     if found:
         log.write(
             event="word_vectors", name=config.model.word_vectors, found=found, vocab=len(vocab)
@@ -264,7 +267,7 @@ def train(
         finite (the step is skipped). Every rank takes the same decision: the loss comes from
         the gathered matrix and the norm from the summed gradients."""
         budget, recompute = tc.score_budget_mb, tc.activation_checkpointing
-        with autocast(config.precision, device):
+        with autocast(precision, device):
             negatives = 1 if hardest else tc.warmup_negatives
             if tc.mining != "off" and negatives > 0:
                 shortlist = tc.mining_shortlist if tc.mining == "shortlist" else None

@@ -95,8 +95,8 @@ def test_time_to_accuracy_against_the_reference_best():
     lines = time_to_accuracy_section([slow, fast], "B")
     assert "reach B's best dev rsum (280.0)" in lines[0]
     assert lines[2].endswith("| min to 280 | min to 90% (252) |")
-    assert lines[4] == "| A | 2 | 1.0: 200, 2.0: 300, 3.0: 310 | 310.0 (3.0) | 2.0 | 2.0 |"
-    assert lines[5] == "| B | 17 | 0.1: 250, 0.2: 280, 0.3: 270 | 280.0 (0.2) | 0.2 | 0.2 |"
+    assert lines[4] == "| A | 2 | 1.00: 200, 2.00: 300, 3.00: 310 | 310.0 (3.0) | 2.0 | 2.0 |"
+    assert lines[5] == "| B | 17 | 0.10: 250, 0.20: 280, 0.30: 270 | 280.0 (0.2) | 0.2 | 0.2 |"
     worse = _run("A", [(60, 200), (120, 230)])
     assert time_to_accuracy_section([worse, fast], "B")[4].endswith(
         "| not reached in 2.0 | not reached in 2.0 |"

@@ -23,11 +23,11 @@ from torch import Tensor
 
 from imram.evaluation import encode_in_batches, evaluate_model
 from imram.models import build_model
+from imram.models.encoders import EPS
 from imram.models.memory import MemoryDistillation
+from imram.models.registry import model_config
 from imram.precision import autocast
 from imram.scoring import block_similarity, score_gallery
-
-EPS = 1e-8
 
 
 def _release_attention(query: Tensor, context: Tensor, lam: float) -> Tensor:
@@ -239,8 +239,8 @@ def low_precision_rsum(
     checkpoint: str | Path, data: str | Path, split: str = "test", precision: str = "bf16"
 ) -> str:
     """One line: the rsum of a checkpoint on a split under ``precision`` and in fp32."""
+    from imram.checkpoint import load_checkpoint
     from imram.data import PrecompDataset
-    from imram.training.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
     dataset = PrecompDataset(data, split, loaded.vocab)
@@ -425,10 +425,10 @@ def bench_two_stage(
     """Accuracy and wall time of two-stage retrieval on a real split: the ``first`` checkpoint
     (an embedding model) shortlists, the ``second`` (IMRAM) re-ranks; the last row is the
     second model alone, scoring every pair."""
+    from imram.checkpoint import load_checkpoint
     from imram.data import PrecompDataset
     from imram.evaluation import evaluate_model
     from imram.retrieval.two_stage import rerank_split
-    from imram.training.checkpoint import load_checkpoint
 
     a, b = load_checkpoint(first), load_checkpoint(second)
     a_data = PrecompDataset(data, split, a.vocab)
@@ -526,6 +526,12 @@ class TrainingShape:
         )
 
 
+def _steps_of(name: str, shape: TrainingShape) -> int:
+    """The K a model trains with in the benchmark: the shape's, unless the registry fixes one
+    step (SCAN)."""
+    return shape.steps_k if model_config(name).steps > 1 else 1
+
+
 def _training_step(args: tuple) -> tuple[float, float, float | None]:
     """In a fresh process: (training steps/s over ``steps`` timed steps after one warm-up,
     peak RSS in MB, shortlist recall or None) of the all-pairs engine (``engine``, or
@@ -540,7 +546,7 @@ def _training_step(args: tuple) -> tuple[float, float, float | None]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(
-        name, steps=shape.steps_k, embed_dim=shape.dim, img_dim=shape.img_dim
+        name, steps=_steps_of(name, shape), embed_dim=shape.dim, img_dim=shape.img_dim
     ).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
     n = shape.batch
@@ -609,7 +615,7 @@ def bench_training(
         for precision in precisions:
             kinds = ["engine"]
             if cross:
-                kinds += ["mined"] + (["shortlist"] if shape.steps_k > 1 else [])
+                kinds += ["mined"] + (["shortlist"] if _steps_of(name, shape) > 1 else [])
                 kinds += ["baseline"] if baseline else []
                 kinds += ["checkpointed"] if checkpointed else []
             runs: dict[str, list[tuple[float, float, float | None]]] = {k: [] for k in kinds}
@@ -703,8 +709,9 @@ def bench_time_to_accuracy(
     dev rsum against training minutes, with the minutes each needed to reach the best dev
     rsum of the last preset (the baseline)."""
     from imram.config import load_config
+    from imram.devices import default_device
+    from imram.training import train
     from imram.training.curves import read_curve, time_to_accuracy_section
-    from imram.training.trainer import default_device, train
 
     device = device or str(default_device())
     budget = [f"train.max_minutes={minutes}"] if minutes else []

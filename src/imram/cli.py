@@ -37,8 +37,9 @@ def _vocab(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from imram.config import load_config
-    from imram.distributed import local_device, process_group
-    from imram.training.trainer import train
+    from imram.devices import local_device
+    from imram.distributed import process_group
+    from imram.training import train
 
     source = args.config
     if source is None:
@@ -70,9 +71,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
+    from imram.checkpoint import import_release_checkpoint, load_checkpoint
     from imram.data import Vocabulary
     from imram.errors import DataError
-    from imram.training.checkpoint import import_release_checkpoint, load_checkpoint
 
     path = Path(args.checkpoint)
     vocab = Vocabulary.load(args.vocab) if args.vocab else None
@@ -91,18 +92,18 @@ def _load_model(args: argparse.Namespace):
 
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
-        from imram.data.text import atomic_write_text
+        from imram.files import atomic_write_text
 
         atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def _evaluate_rerank(args: argparse.Namespace) -> int:
     """``evaluate --rerank``: the --checkpoint shortlists, the --rerank checkpoint re-ranks."""
+    from imram.checkpoint import load_checkpoint
     from imram.data import PrecompDataset
+    from imram.devices import default_device
     from imram.metrics import format_table
     from imram.retrieval.two_stage import rerank_split
-    from imram.training.checkpoint import load_checkpoint
-    from imram.training.trainer import default_device
 
     device = args.device or default_device()
     first = _load_model(args)
@@ -140,10 +141,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         return _evaluate_rerank(args)
 
     from imram.data import PrecompDataset
-    from imram.distributed import local_device, process_group
+    from imram.devices import default_device, local_device
+    from imram.distributed import process_group
     from imram.evaluation import evaluate_model
     from imram.metrics import format_table
-    from imram.training.trainer import default_device
 
     with process_group() as (rank, world):
         device = args.device or (local_device() if world > 1 else default_device())
@@ -180,7 +181,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     }
     _write_json(args.json, {**payload, **metrics})
     if args.save_sims:
-        from imram.data.text import atomic_output
+        from imram.files import atomic_output
 
         with atomic_output(args.save_sims) as tmp, open(tmp, "wb") as handle:
             np.save(handle, sims)

@@ -28,13 +28,6 @@ def init_from_env() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def local_device() -> torch.device:
-    """This rank's device: its GPU under ``torchrun`` when CUDA is present, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 @contextlib.contextmanager
 def process_group() -> Iterator[tuple[int, int]]:
     """``(rank, world size)`` inside the group ``torchrun`` describes (:func:`init_from_env`),

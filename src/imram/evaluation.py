@@ -1,4 +1,4 @@
-"""Evaluate a model on a precomp split under a published protocol (SPEC §7)."""
+"""Evaluate a model on a precomp split under a published protocol (design §protocols)."""
 
 from __future__ import annotations
 

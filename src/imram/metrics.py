@@ -1,4 +1,4 @@
-"""Retrieval metrics and the published evaluation protocols (SPEC §7).
+"""Retrieval metrics and the published evaluation protocols (design §protocols).
 
 Ranks are 1-based and ties count against the model: an item's rank is the number of candidates
 scoring at least as high as it, so a collapsed model whose scores are all equal ranks every query

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-# CPU flags of bf16 matrix hardware. avx512_bf16 alone is not enough: it only converts and
-# dots pairs, and on such a CPU (AMD EPYC, torch 2.13) a bf16 training step ran 10x slower
-# than fp32 and bf16 scoring 1.2x faster (benchmarks/bench_training.py, bench_scoring.py).
+# CPU flags of bf16 matrix hardware. avx512_bf16 alone is not enough: it only converts and dots
+# pairs, and on such a CPU (AMD EPYC, torch 2.13) bf16 autocast is a gamble by shape: a training
+# step measured 1.5-2x fp32 at d=1024 but 10x slower at the CPU presets' d=256 with 1280-d
+# regions (docs/benchmarks.md), so ``auto`` keeps fp32 there; set bf16 after measuring.
 BF16_MATRIX_FLAGS = frozenset({"amx_bf16"})
 
 

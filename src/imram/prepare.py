@@ -27,17 +27,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from imram.data.formats import SPLITS, CaptionRecord, DroppedImage, load_captions
-from imram.data.precomp import CAP2IMG_NAME, CAPTIONS_NAME, IDS_NAME, PrecompDataset
-from imram.data.text import atomic_output, atomic_write_text
+from imram.data.precomp import (
+    CAP2IMG_NAME,
+    CAPTIONS_NAME,
+    FEATURE_NAMES,
+    FORMAT_VERSION,
+    IDS_NAME,
+    META_NAME,
+    PrecompDataset,
+)
 from imram.errors import ConfigError, DataError
 from imram.features.extract import ExtractorConfig, extract_features, extractor_meta
+from imram.files import atomic_output, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 2  # 2: each split lists the picture file behind every row ("files")
-META_NAME = "meta.json"
-FEATURES_NAME = "{split}_ims.npy"
 CAPTION_RULE = (
     "every caption of every image is kept (the first max_captions_per_image when set); an "
     "image's captions are consecutive in {split}_caps.txt, in caption-file order, images in "
@@ -307,7 +312,7 @@ def _write_split(
     if present:
         result = extract_features(
             [paths[i] for i in present],
-            out / FEATURES_NAME.format(split=split),
+            out / FEATURE_NAMES[0].format(split=split),
             extractor,
             progress=progress,
             device=device,

@@ -15,7 +15,9 @@ from typing import Any
 
 from imram.config import load_config
 from imram.data import PrecompDataset
-from imram.data.text import atomic_write_text
+from imram.data.precomp import read_folder_meta
+from imram.errors import DataError
+from imram.files import atomic_write_text
 from imram.metrics import METRIC_KEYS, chance_metrics, format_table
 from imram.training.curves import best_by, read_curve, seconds_to_reach, time_to_accuracy_section
 
@@ -105,7 +107,7 @@ def equal_time_section(
                     f"{data['words_per_caption']:.1f} words long on average, and show one "
                     "object on a plain background: a single global vector already matches "
                     "them. Word-region alignment pays on scenes of several objects with five "
-                    "descriptions of 10-12 words each (Flickr30K, COCO: SPEC §8), which is "
+                    "descriptions of 10-12 words each (Flickr30K, COCO: design §numbers), which is "
                     "what would put it ahead."
                 )
         early = best_by(runs[0]["curve"], short)
@@ -148,9 +150,10 @@ def _charged(row: dict[str, Any], point: dict[str, Any]) -> int:
 def _folder_version(data: Path) -> int | None:
     """The ``format_version`` of a prepared folder's ``meta.json``, or None without one."""
     try:
-        return json.loads((data / "meta.json").read_text(encoding="utf-8")).get("format_version")
-    except (OSError, ValueError):
+        meta = read_folder_meta(data)
+    except DataError:
         return None
+    return None if meta is None else meta.get("format_version")
 
 
 def _row(label: str, metrics: dict[str, Any], extra: str = "") -> str:
@@ -172,10 +175,12 @@ def run_quickstart(
     ``out/<preset>`` (a finished run is kept, an interrupted one resumed), evaluate the best
     checkpoints on the test split and write ``out/report.md`` and ``out/report.json``.
     ``overrides`` are ``--set`` items applied to every preset."""
+    from imram.checkpoint import load_checkpoint
+    from imram.data.precomp import FORMAT_VERSION
+    from imram.devices import default_device
     from imram.evaluation import evaluate_model
-    from imram.prepare import FORMAT_VERSION, prepare_tuxpaint
-    from imram.training.checkpoint import load_checkpoint
-    from imram.training.trainer import default_device, train
+    from imram.prepare import prepare_tuxpaint
+    from imram.training import train
 
     start = time.monotonic()
     out = Path(out)
@@ -231,7 +236,7 @@ def run_quickstart(
     lines = [_row(r["model"], r["metrics"], f"{r['train_seconds'] / 60:.1f} min") for r in rows]
     lines.append(_row("chance", chance, "-"))
     table = "\n".join([header, *lines])
-    meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
+    meta = read_folder_meta(data) or {}
     payload = {
         "data": str(data),
         "time_to_accuracy": _minutes_to_reference(rows, "VSE++"),

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from imram.checkpoint import save_checkpoint
 from imram.config import load_config
-from imram.training.checkpoint import save_checkpoint
 from imram.training.trainer import train
 
 TINY = [
@@ -52,8 +52,8 @@ def text_run(toy_data, tmp_path_factory) -> Path:
 def untrained(text_run, tmp_path):
     """``untrained(preset)``: a checkpoint of ``preset`` at its initial weights, with the text
     run's vocabulary (enough for the paths that refuse a model)."""
+    from imram.checkpoint import load_checkpoint
     from imram.models import build_model
-    from imram.training.checkpoint import load_checkpoint
 
     vocab = load_checkpoint(text_run).vocab
 

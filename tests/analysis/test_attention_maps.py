@@ -13,6 +13,7 @@ from PIL import Image
 from imram.analysis import attention_maps
 from imram.analysis.attention_maps import HEADER_PX, PANEL_PX
 from imram.analysis.pictures import picture_file
+from imram.checkpoint import load_checkpoint, save_checkpoint
 from imram.cli import main
 from imram.config import load_config
 from imram.data import PrecompDataset, Vocabulary, pad_captions, read_captions
@@ -20,7 +21,6 @@ from imram.data.text import tokenize
 from imram.features.extract import ExtractorConfig, image_features
 from imram.models import build_model
 from imram.prepare import prepare_folder
-from imram.training.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _png_size(path):

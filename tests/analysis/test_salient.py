@@ -15,10 +15,10 @@ from PIL import Image
 from imram.analysis.plots import CHART_INCHES, DPI
 from imram.analysis.pos import _SetsOnly, coarse_class, penn_tags, word_classes
 from imram.analysis.salient import SalientCounts, markdown_table
+from imram.checkpoint import load_checkpoint
 from imram.cli import main
 from imram.data import PrecompDataset, pad_captions
 from imram.data.text import tokenize
-from imram.training.checkpoint import load_checkpoint
 
 GOLDEN = [
     ("a dog runs on the red grass", ["DT", "NN", "VBZ", "IN", "DT", "JJ", "NN"]),

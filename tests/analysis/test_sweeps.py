@@ -15,12 +15,12 @@ from PIL import Image
 from imram.analysis import run_aggregators, run_steps
 from imram.analysis.plots import CHART_INCHES, DPI
 from imram.analysis.sweep import SweepInterrupted
+from imram.checkpoint import load_checkpoint
 from imram.cli import main
 from imram.config import AGGREGATORS
 from imram.data import PrecompDataset
 from imram.evaluation import evaluate_model
 from imram.metrics import METRIC_KEYS
-from imram.training.checkpoint import load_checkpoint
 
 CHART_PX = (round(CHART_INCHES[0] * DPI), round(CHART_INCHES[1] * DPI))
 

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from imram.data import Vocabulary, atomic_write_text, read_captions, read_lines, tokenize
+from imram.data import Vocabulary, read_captions, read_lines, tokenize
 from imram.errors import DataError
+from imram.files import atomic_write_text
 
 SPECIAL_WORDS = ["<pad>", "<start>", "<end>", "<unk>"]
 

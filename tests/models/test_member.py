@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from imram.checkpoint import load_checkpoint
 from imram.config import load_config
 from imram.data import PrecompDataset
 from imram.errors import ConfigError
 from imram.evaluation import evaluate_model
 from imram.metrics import chance_metrics
 from imram.models import MEMBER, build_model
-from imram.training.checkpoint import load_checkpoint
 from imram.training.trainer import train
 
 SMALL = dict(vocab_size=30, word_dim=6, img_dim=10, embed_dim=8)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from imram.checkpoint import load_checkpoint, save_checkpoint
 from imram.cli import main
 from imram.config import load_config
 from imram.data import PrecompDataset, Vocabulary, pad_captions
@@ -29,7 +30,6 @@ from imram.retrieval import (
     default_nlist,
     load_index,
 )
-from imram.training.checkpoint import load_checkpoint, save_checkpoint
 from imram.training.trainer import train
 
 SMALL = [

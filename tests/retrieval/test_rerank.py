@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from imram.checkpoint import load_checkpoint
 from imram.cli import main
 from imram.config import load_config
 from imram.data import PrecompDataset, pad_captions
 from imram.evaluation import evaluate_model
 from imram.retrieval import build_index
 from imram.retrieval.two_stage import two_stage_search
-from imram.training.checkpoint import load_checkpoint
 from imram.training.trainer import train
 
 SMALL = [

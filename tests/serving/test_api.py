@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
+from imram.checkpoint import load_checkpoint
 from imram.cli import main
 from imram.config import load_config
 from imram.data import PrecompDataset, pad_captions
@@ -32,7 +33,6 @@ from imram.retrieval import build_index, load_index
 from imram.retrieval.two_stage import rerank_hits
 from imram.serving import Limits, create_app
 from imram.serving.app import STATIC, bind, url_of
-from imram.training.checkpoint import load_checkpoint
 from imram.training.trainer import train
 
 SMALL = [

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from imram.config import Config
-from imram.data import Vocabulary
-from imram.errors import DataError
-from imram.models import build_model
-from imram.training.checkpoint import (
+from imram.checkpoint import (
     import_release_checkpoint,
     load_checkpoint,
     recover_swap,
     save_checkpoint,
 )
+from imram.config import Config
+from imram.data import Vocabulary
+from imram.errors import DataError
+from imram.models import build_model
 
 SMALL = dict(vocab_size=12, word_dim=4, img_dim=6, embed_dim=8)
 VOCAB = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", *"abcdefgh"])

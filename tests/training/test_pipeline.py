@@ -188,11 +188,11 @@ def test_bf16_autocast_trains_on_cpu(toy_data, tmp_path):
 
 def test_low_precision_scores_fragments_encoded_in_fp32(toy_data, tmp_path):
     """Only the pair scoring runs under autocast: fragments rounded to bf16 flip rankings."""
+    from imram.checkpoint import load_checkpoint
     from imram.data import PrecompDataset
     from imram.evaluation import encode_split, evaluate_model
     from imram.precision import autocast
     from imram.scoring import score_gallery
-    from imram.training.checkpoint import load_checkpoint
 
     train(_config("train.epochs=1"), toy_data, tmp_path / "run", progress=False)
     checkpoint = load_checkpoint(tmp_path / "run")

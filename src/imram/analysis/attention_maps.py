@@ -31,10 +31,11 @@ from imram.analysis.pictures import (
 from imram.analysis.plots import DPI, save_figure
 from imram.analysis.traces import TextTrace, check_regions, load_text_checkpoint, text_traces
 from imram.data import PrecompDataset
-from imram.data.text import END, START, UNK_ID, atomic_write_text, tokenize
+from imram.data.text import END, START, UNK_ID, tokenize
+from imram.devices import default_device
 from imram.errors import ConfigError, DataError
 from imram.features.extract import image_features
-from imram.training.trainer import default_device
+from imram.files import atomic_write_text
 
 MAX_WORDS = 12
 PANEL_PX = 200

@@ -13,12 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from imram.data.precomp import read_folder_meta
+from imram.data.precomp import META_NAME, read_folder_meta
 from imram.data.tuxpaint import cache_dir
 from imram.features.extract import ExtractorConfig, extractor_from_record, load_image
-
-META = "meta.json"
-
 
 read_meta = read_folder_meta
 
@@ -31,7 +28,7 @@ def extractor_config(data: str | Path, img_dim: int) -> ExtractorConfig:
     """
     meta = read_meta(data)
     entry = meta.get("extractor") if meta is not None else None
-    return extractor_from_record(entry, img_dim, str(Path(data) / META))
+    return extractor_from_record(entry, img_dim, str(Path(data) / META_NAME))
 
 
 def region_grid(meta: dict[str, Any] | None, split: str, regions: int) -> tuple[int, int] | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from imram.data.text import atomic_output
+from imram.files import atomic_output
 
 DPI = 100
 CHART_INCHES = (6.4, 4.0)

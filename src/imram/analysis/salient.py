@@ -1,8 +1,8 @@
 """``imram analyze salient``: which kinds of words stand out at each matching step (Table 6).
 
-Following the paper (§4.5): for an image and its caption, at step k every word has a matching
-score (its cosine with the regions it attends to) and the caption has their mean; a word is
-*salient* at step k when its score exceeds that mean. The mean is over every token the model
+Following the paper (its section 4.5): for an image and its caption, at step k every word has
+a matching score (its cosine with the regions it attends to) and the caption has their mean; a
+word is *salient* at step k when its score exceeds that mean. The mean is over every token the model
 averages, ``<start>`` and ``<end>`` included (with the default ``avg`` pooling it is the step
 score F_k itself); markers and punctuation are never counted as words. The report gives, per
 step, the share of the nouns, verbs and adjectives of the sampled pairs (each caption with its
@@ -27,9 +27,10 @@ from imram.analysis.pos import CLASSES, word_classes
 from imram.analysis.report import AnalysisReport
 from imram.analysis.traces import TextTrace, check_regions, load_text_checkpoint, text_traces
 from imram.data import PrecompDataset
-from imram.data.text import atomic_write_text, tokenize
+from imram.data.text import tokenize
+from imram.devices import default_device
 from imram.errors import ConfigError
-from imram.training.trainer import default_device
+from imram.files import atomic_write_text
 
 LABELS = {"NOUN": "nouns", "VERB": "verbs", "ADJ": "adjectives"}
 EXAMPLES = 10

@@ -22,15 +22,17 @@ from typing import Any
 from tqdm import tqdm
 
 from imram.analysis.report import AnalysisReport
+from imram.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 from imram.config import Config, load_config
 from imram.data import PrecompDataset
-from imram.data.text import SPECIALS, atomic_write_text
+from imram.data.text import SPECIALS
+from imram.devices import default_device
 from imram.errors import ConfigError, ImramError
 from imram.evaluation import evaluate_model
+from imram.files import atomic_write_text
 from imram.metrics import METRIC_KEYS, chance_metrics
 from imram.models import IMRAM, SCAN, build_model
-from imram.training.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
-from imram.training.trainer import TrainResult, default_device, train
+from imram.training import TrainResult, train
 
 RECORD = "analysis.json"
 TABLE_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imram.checkpoint import Checkpoint, load_checkpoint
 from imram.data import pad_captions
 from imram.errors import ConfigError, DataError
-from imram.training.checkpoint import Checkpoint, load_checkpoint
 
 
 @dataclass

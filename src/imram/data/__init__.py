@@ -11,7 +11,6 @@ from imram.data.precomp import (
 from imram.data.text import (
     SPECIALS,
     Vocabulary,
-    atomic_write_text,
     read_captions,
     read_lines,
     tokenize,
@@ -22,7 +21,6 @@ __all__ = [
     "PrecompBatch",
     "PrecompDataset",
     "Vocabulary",
-    "atomic_write_text",
     "collate",
     "find_features",
     "open_features",

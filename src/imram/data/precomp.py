@@ -1,4 +1,4 @@
-"""SCAN "precomp" folders (SPEC §6): memory-mapped region features with their captions."""
+"""SCAN "precomp" folders (design §data): memory-mapped region features with their captions."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ CAPTIONS_NAME = "{split}_caps.txt"
 IDS_NAME = "{split}_ids.txt"
 CAP2IMG_NAME = "{split}_cap2img.npy"
 META_NAME = "meta.json"
+# meta.json format_version; 2: each split lists the picture file behind every row ("files")
+FORMAT_VERSION = 2
 
 Item = tuple[Tensor, Tensor, int, int]
 

@@ -1,21 +1,19 @@
-"""Captions → tokens → ids (SPEC §1): the tokenizer, caption files and the vocabulary."""
+"""Captions → tokens → ids (design §encoders): the tokenizer, caption files and the vocabulary."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from nltk.tokenize import word_tokenize
 
 from imram.errors import DataError
+from imram.files import atomic_write_text
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
@@ -75,40 +73,6 @@ def read_lines(path: str | Path, what: str = "caption") -> list[str]:
 def read_captions(path: str | Path) -> list[str]:
     """One caption per line, strict UTF-8; an undecodable or empty line is an error naming it."""
     return read_lines(path, "caption")
-
-
-@contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary path beside ``path`` for the caller to write; on success it is
-    fsynced and renamed over ``path``, on any error removed.
-
-    Readers see the old file or the new one, never half of it. The temporary file is created
-    empty (exclusively, with the usual umask-derived permissions), so writers may open it
-    with any mode.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_output`)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 class Vocabulary:

@@ -15,8 +15,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from imram.data.text import atomic_output
 from imram.errors import DataError
+from imram.files import atomic_output
 
 PACKAGE = "tuxpaint-stamps-default"
 INSTALLED = Path("/usr/share/tuxpaint/stamps")

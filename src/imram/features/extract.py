@@ -22,7 +22,7 @@ from numpy.lib import format as npy_format
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from imram.data.text import atomic_output
+from imram.devices import resolve_device
 from imram.errors import ConfigError, DataError
 from imram.features.efficientnet_lite import (
     HEAD_CHANNELS,
@@ -30,6 +30,7 @@ from imram.features.efficientnet_lite import (
     grid_shape,
     load_efficientnet_lite,
 )
+from imram.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -265,12 +266,6 @@ def _regions(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return network.forward_features(x).flatten(2).transpose(1, 2)
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _shrink_rows(path: Path, rows: int) -> None:
     """Cut a C-order .npy to its first ``rows`` rows in place: rewrite the header's shape,
     padded to the same length so the data offset is unchanged, then truncate the file."""
@@ -322,7 +317,7 @@ def extract_features(
     out = Path(out)
     if not paths:
         raise DataError(f"{out}: no image paths given")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     model = load_efficientnet_lite(config.backbone).to(device)
     grid = config.grid
     regions = grid[0] * grid[1]
@@ -379,7 +374,7 @@ def image_features(
     ``network`` (from ``load_efficientnet_lite(config.backbone)``) saves reloading it per call.
     """
     config = config if config is not None else ExtractorConfig()
-    device = _resolve_device(device)
+    device = resolve_device(device)
     network = (network or load_efficientnet_lite(config.backbone)).to(device)
     parts = []
     for start in range(0, len(paths), config.batch_size):

@@ -1,4 +1,5 @@
-"""Cross-modal attention unit (CAU, SPEC §2), batched over every (query item, context item) pair."""
+"""Cross-modal attention unit (CAU, design §attention), batched over every (query item,
+context item) pair."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fragment encoders (SPEC §1): image regions → unit d-vectors, caption words → unit d-vectors."""
+"""Fragment encoders (design §encoders): image regions and caption words → unit d-vectors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from imram.precision import at_least_fp32
 
 if TYPE_CHECKING:
-    from imram.config import ModelConfig
+    from imram.schema import ModelConfig
 
 EPS = 1e-8
 

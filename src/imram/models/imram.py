@@ -1,4 +1,5 @@
-"""IMRAM (Chen et al., CVPR 2020): iterative matching with recurrent attention memory (SPEC §4)."""
+"""IMRAM (Chen et al., CVPR 2020): iterative matching with a recurrent attention memory
+(design §matching)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from imram.config import ModelConfig
 from imram.models.attention import (
     attend,
     attention_from_scores,
@@ -20,6 +20,7 @@ from imram.models.encoders import build_encoders, length_mask
 from imram.models.memory import MemoryDistillation
 from imram.models.workspace import gather, scratch
 from imram.precision import at_least_fp32
+from imram.schema import ModelConfig
 
 
 @dataclass
@@ -124,7 +125,7 @@ def iterative_matching(
 
     Step k attends the current queries over the fixed context, scores the attended context
     against the *original* query fragments, then updates the queries with the memory unit.
-    The update is computed exactly but restructured (SPEC §9): the memory's context halves are
+    The update is computed exactly but restructured (design §cost): the memory's context halves are
     projected once per context item and attended together with the context, its query halves
     are per query item at step 1, and there is no update after the last step. Either side may
     be passed already prepared (:func:`prepare_query`, :func:`prepare_context`) so that a

@@ -35,7 +35,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from imram.config import ModelConfig
 from imram.distributed import batch_is_sharded, gather_uneven
 from imram.models.attention import attend, attention_from_scores, raw_scores
 from imram.models.encoders import (
@@ -47,6 +46,7 @@ from imram.models.encoders import (
     pair_dot_scores,
 )
 from imram.models.memory import MemoryDistillation
+from imram.schema import ModelConfig
 
 MODALITIES = ("image", "text")
 

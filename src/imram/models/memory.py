@@ -1,9 +1,10 @@
-"""Memory distillation unit (MDU, SPEC §3) and the ablation aggregators of the paper's Table 5.
+"""Memory distillation unit (MDU, design §memory) and the ablation aggregators of the paper's
+Table 5.
 
 Every aggregator's linear map acts on ``[x; c]`` (or on ``c`` alone), so it splits into a query
 half ``W_x x`` and a context half ``W_c c``. Because the attended context is a convex combination
 ``c_i = Σ_j α_ij y_j``, the context half equals ``Σ_j α_ij (W_c y_j)``: it can be projected once
-per context item and attended like the context itself (SPEC §9). ``forward`` is the plain form;
+per context item and attended like the context itself (design §cost). ``forward`` is the plain form;
 ``query_terms`` / ``context_terms`` / ``combine`` are the same maths split for the fast scorer.
 """
 

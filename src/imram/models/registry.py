@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from imram.config import ModelConfig
 from imram.errors import ConfigError
+from imram.schema import ModelConfig
 
 
 @dataclass(frozen=True)

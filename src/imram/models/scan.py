@@ -6,9 +6,9 @@ the IMRAM model; this class only pins those choices.
 
 from __future__ import annotations
 
-from imram.config import ModelConfig
 from imram.errors import ConfigError
 from imram.models.imram import IMRAM
+from imram.schema import ModelConfig
 
 
 class SCAN(IMRAM):

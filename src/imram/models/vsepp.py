@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from imram.config import ModelConfig
 from imram.models.encoders import (
     build_encoders,
     dot_scores,
@@ -13,6 +12,7 @@ from imram.models.encoders import (
     masked_mean,
     pair_dot_scores,
 )
+from imram.schema import ModelConfig
 
 
 class VSEPP(nn.Module):

@@ -14,10 +14,8 @@ pair and re-rank a shortlist retrieved by an embedding model instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -32,7 +30,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from imram.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
 from imram.data.precomp import PrecompDataset, pad_captions, read_folder_meta
+from imram.devices import resolve_device
 from imram.errors import ConfigError, DataError
 from imram.features.extract import (
     ExtractorConfig,
@@ -40,7 +40,7 @@ from imram.features.extract import (
     image_features,
     load_efficientnet_lite,
 )
-from imram.training.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from imram.files import fsync_path, sha256_file, swap_in, swapped_out
 
 FORMAT = "imram-index/1"
 META_NAME = "index.json"
@@ -51,7 +51,6 @@ WEIGHTS_NAME = "model.safetensors"
 MAX_TRAIN = 100_000  # embeddings an IVF index's k-means sees at most (bounded memory)
 POINTS_PER_LIST = 256  # faiss's own cap on training points per list
 NPROBE_SHARE = 8  # default nprobe: one list in eight
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -90,26 +89,6 @@ class IndexInfo:
         )
 
 
-def _default_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _sha256(path: Path) -> tuple[str, int]:
-    """SHA-256 and size of a file, read in chunks."""
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    return digest.hexdigest(), size
-
-
 def checkpoint_weights(checkpoint: str | Path) -> tuple[Path, dict[str, str]]:
     """The resolved checkpoint path and the SHA-256 of its weights file(s), by file name.
 
@@ -122,7 +101,7 @@ def checkpoint_weights(checkpoint: str | Path) -> tuple[Path, dict[str, str]]:
     weights = resolved if resolved.is_file() else resolved / WEIGHTS_NAME
     if not weights.is_file():
         raise DataError(f"{weights}: the checkpoint's weights file is missing")
-    return resolved.resolve(), {weights.name: _sha256(weights)[0]}
+    return resolved.resolve(), {weights.name: sha256_file(weights)[0]}
 
 
 def _embedding_model(checkpoint: Checkpoint) -> nn.Module:
@@ -260,8 +239,8 @@ def _write_gallery(
     dim = index.d
     faiss.write_index(index, str(file))
     del index
-    _fsync(file)
-    sha, size = _sha256(file)
+    fsync_path(file)
+    sha, size = sha256_file(file)
     return {"count": n, "file": file.name, "sha256": sha, "bytes": size, "nlist": nlist, "dim": dim}
 
 
@@ -290,31 +269,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         f"{out}: exists and is not an imram index (no readable {META_NAME}); refusing to "
         "replace it, choose another path"
     )
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file to disk, or a directory's entries where the platform allows it."""
-    is_dir = path.is_dir()
-    try:
-        handle = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-    except OSError:
-        if not is_dir:
-            raise
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old index is moved aside first, then removed."""
-    old = out.parent / f".{out.name}.old"
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-    os.replace(tmp, out)
-    _fsync(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _data_extractor(root: Path) -> dict[str, Any] | None:
@@ -363,7 +317,7 @@ def build_index(
     dataset = PrecompDataset(data, split, loaded.vocab)
     counts = {"images": dataset.num_images, "captions": dataset.num_captions}
     lists = {g: _lists(kind, nlist, nprobe, counts[g], g) for g in GALLERIES}
-    device = _default_device(device)
+    device = resolve_device(device)
     model = model.to(device).eval()
     embedders = {
         "images": _embed_images(model, dataset, batch_size, device),
@@ -407,10 +361,10 @@ def build_index(
         (tmp / META_NAME).write_text(
             json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        _fsync(tmp / META_NAME)
-        _fsync(tmp)
+        fsync_path(tmp / META_NAME)
+        fsync_path(tmp)
         _check_out(out, overwrite)
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -532,7 +486,7 @@ def _read_faiss(path: Path, meta: dict[str, Any], gallery: str) -> faiss.Index:
             f"{file}: {size} bytes, {META_NAME} says {entry['bytes']}: truncated or replaced; "
             "rebuild the index"
         )
-    if _sha256(file)[0] != entry["sha256"]:
+    if sha256_file(file)[0] != entry["sha256"]:
         raise DataError(
             f"{file}: contents do not match the SHA-256 in {META_NAME} (corrupt or modified); "
             "rebuild the index"
@@ -611,7 +565,7 @@ def _verified_checkpoint(
 def _resolve_index(path: Path) -> Path:
     if (path / META_NAME).is_file():
         return path
-    old = path.parent / f".{path.name}.old"
+    old = swapped_out(path)
     if not path.exists() and (old / META_NAME).is_file():  # a crash between a swap's renames
         return old
     if not path.exists():
@@ -634,7 +588,7 @@ def load_index(
     meta = _read_meta(path)
     indexes = {gallery: _read_faiss(path, meta, gallery) for gallery in GALLERIES}
     loaded = _verified_checkpoint(path, meta, checkpoint)
-    return GalleryIndex(path, meta, indexes, loaded, _default_device(device))
+    return GalleryIndex(path, meta, indexes, loaded, resolve_device(device))
 
 
 class GalleryIndex:

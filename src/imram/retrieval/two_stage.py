@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from imram.data import PrecompDataset, pad_captions
+from imram.devices import resolve_device
 from imram.errors import ConfigError, DataError
 from imram.features.extract import image_features
 from imram.metrics import METRIC_KEYS, N_FOLDS, PROTOCOLS, ranks_i2t, ranks_t2i, recall_metrics
@@ -27,7 +28,7 @@ from imram.retrieval.index import GalleryIndex, Hit, load_index
 from imram.scoring import score_pairs
 
 if TYPE_CHECKING:
-    from imram.training.checkpoint import Checkpoint
+    from imram.checkpoint import Checkpoint
 
 # Scores of the pairs (image rows[p], caption cols[p]), all of a shortlist in one call, so
 # that the scorer can prepare each item once.
@@ -294,12 +295,11 @@ def two_stage_search(
     """One query: the ``shortlist`` nearest items by the index's embeddings, re-ranked by the
     ``rerank`` checkpoint; the best ``k`` are returned. A true match outside the shortlist is
     never seen."""
-    from imram.training.checkpoint import load_checkpoint
-    from imram.training.trainer import default_device
+    from imram.checkpoint import load_checkpoint
 
     if shortlist < k:
         raise ConfigError(f"--shortlist {shortlist} must be at least --k {k}")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     gallery = load_index(index, checkpoint, device)
     hits = gallery.search(text=text, image=image, k=shortlist, nprobe=nprobe)
     reranked = rerank_hits(

@@ -1,4 +1,5 @@
-"""A deliberately plain per-pair scorer written straight from the equations (SPEC §2-4).
+"""A deliberately plain per-pair scorer written straight from the equations (design
+§attention, §memory, §matching).
 
 It loops over every (image, caption) pair, slices each caption to its true length, and shares
 no code with the batched scorer beyond the model's parameters. Tests use it as the oracle; it
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+# The encoders' 1e-8, restated on purpose: the oracle shares no code with what it checks.
 EPS = 1e-8
 
 

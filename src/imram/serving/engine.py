@@ -8,7 +8,6 @@ layer only translates; nothing a client sends ever becomes a filesystem path.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
 import struct
@@ -22,7 +21,8 @@ from typing import Any, TypeVar
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from imram.data.precomp import PrecompDataset, pad_captions
+from imram.checkpoint import Checkpoint, load_checkpoint
+from imram.data.precomp import PrecompDataset, pad_captions, read_folder_meta
 from imram.data.text import END, START, tokenize
 from imram.errors import ConfigError, DataError
 from imram.features.efficientnet_lite import load_efficientnet_lite
@@ -30,7 +30,6 @@ from imram.features.extract import ExtractorConfig, ImageError, image_features
 from imram.models.imram import BranchTrace
 from imram.retrieval.index import GalleryIndex, Hit, load_index
 from imram.retrieval.two_stage import rerank_by_features
-from imram.training.checkpoint import Checkpoint, load_checkpoint
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP")
 WEB_TYPES = {
@@ -40,7 +39,6 @@ WEB_TYPES = {
     "WEBP": "image/webp",
     "BMP": "image/bmp",
 }
-PRECOMP_META = "meta.json"
 _ID = re.compile(r"[0-9]{1,12}")
 _ROUND = 6  # decimals of attention weights and fragment scores in explain answers
 
@@ -84,9 +82,8 @@ def _floats(values: torch.Tensor, decimals: int | None = None) -> Any:
 def _read_files(root: Path, split: str, count: int) -> list[Path] | None:
     """The image file behind each feature row, from the precomp's meta.json, if recorded."""
     try:
-        meta = json.loads((root / PRECOMP_META).read_text(encoding="utf-8"))
-        files = meta["splits"][split]["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        files = (read_folder_meta(root) or {})["splits"][split]["files"]
+    except (DataError, KeyError, TypeError):
         return None
     if not isinstance(files, list) or len(files) != count:
         return None

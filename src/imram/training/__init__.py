@@ -1,17 +1,10 @@
-"""Training: the hinge loss, the trainer, checkpoints."""
+"""Training: the hinge loss, the batch step (all pairs or mined), the trainer and its curves.
 
-from imram.training.checkpoint import (
-    Checkpoint,
-    import_release_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+Checkpoints live below this package (:mod:`imram.checkpoint`), so that evaluation, indexes,
+the service and the analyses load models without importing the trainer.
+"""
+
 from imram.training.loss import triplet_loss
+from imram.training.trainer import TrainResult, train
 
-__all__ = [
-    "Checkpoint",
-    "import_release_checkpoint",
-    "load_checkpoint",
-    "save_checkpoint",
-    "triplet_loss",
-]
+__all__ = ["TrainResult", "train", "triplet_loss"]

@@ -1,4 +1,5 @@
-"""The loss of one global training batch: every pair with autograd, or mined (docs: Loss).
+"""The loss of one global training batch: every pair with autograd, or mined (design §loss,
+§mining).
 
 With the hardest-negative hinge loss, the loss and its gradient depend on 3·B entries of the
 ``[B, B]`` score matrix only: each positive pair, each image's hardest caption and each caption's

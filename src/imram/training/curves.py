@@ -82,7 +82,7 @@ def time_to_accuracy_section(rows: list[dict[str, Any]], reference: str) -> list
         curve = _validated(r["curve"])
         total = curve[-1]["train_seconds"]
         best = max(curve, key=lambda c: c["val_rsum"])
-        points = ", ".join(f"{c['train_seconds'] / 60:.1f}: {c['val_rsum']:.0f}" for c in curve)
+        points = ", ".join(f"{c['train_seconds'] / 60:.2f}: {c['val_rsum']:.0f}" for c in curve)
         lines.append(
             f"| {r['model']} | {r['train_samples'] / total:.0f} | {points} "
             f"| {best['val_rsum']:.1f} ({best['train_seconds'] / 60:.1f}) "

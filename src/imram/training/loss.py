@@ -1,4 +1,4 @@
-"""Hinge triplet ranking loss (SPEC §5), one implementation for every model."""
+"""Hinge triplet ranking loss (design §loss), one implementation for every model."""
 
 from __future__ import annotations
 

@@ -9,18 +9,16 @@ Hashing reads each file once (about 0.75 GB/s here: under a minute for COCO's 33
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from imram.data import PrecompDataset
 from imram.data.precomp import CAP2IMG_NAME, IDS_NAME
-from imram.data.text import atomic_write_text
 from imram.errors import DataError
+from imram.files import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
-_CHUNK = 8 << 20
 OPTIONAL = (CAP2IMG_NAME, IDS_NAME)  # a split's files read only where present
 
 
@@ -34,14 +32,6 @@ def data_files(*datasets: PrecompDataset) -> list[Path]:
     return files
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stat(path: Path) -> dict[str, int]:
     try:
         info = path.stat()
@@ -52,7 +42,7 @@ def _stat(path: Path) -> dict[str, int]:
 
 def describe(files: list[Path]) -> dict[str, Any]:
     """The manifest of ``files``: size, modification time and SHA-256 of each."""
-    return {"files": {str(p): {**_stat(p), "sha256": sha256_file(p)} for p in files}}
+    return {"files": {str(p): {**_stat(p), "sha256": sha256_file(p)[0]} for p in files}}
 
 
 def write_manifest(run: Path, manifest: dict[str, Any]) -> None:
@@ -95,7 +85,7 @@ def verify(manifest: dict[str, Any], files: list[Path], run: Path, full: bool) -
                 f"{is_now['size']} now ({run / MANIFEST})"
             )
         if full:
-            if sha256_file(path) != was["sha256"]:
+            if sha256_file(path)[0] != was["sha256"]:
                 raise DataError(
                     f"{path}: changed since the run started: its SHA-256 differs from the "
                     f"one in {run / MANIFEST}"

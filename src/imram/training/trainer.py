@@ -19,22 +19,23 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from imram.config import Config, save_config
-from imram.data import PrecompBatch, PrecompDataset, Vocabulary, collate, read_captions
-from imram.data.glove import embedding_matrix, glove_vocabulary
-from imram.distributed import any_rank, barrier, broadcast_object, sum_gradients, world
-from imram.errors import ConfigError, DataError, TrainingError
-from imram.evaluation import evaluate_model
-from imram.models import build_model
-from imram.precision import autocast, resolve_precision
-from imram.training.batch import batch_scores, mined_batch_loss
-from imram.training.checkpoint import (
+from imram.checkpoint import (
     load_trainer_state,
     load_weights,
     read_meta,
     recover_swap,
     save_checkpoint,
 )
+from imram.config import Config, save_config
+from imram.data import PrecompBatch, PrecompDataset, Vocabulary, collate, read_captions
+from imram.data.glove import embedding_matrix, glove_vocabulary
+from imram.devices import resolve_device
+from imram.distributed import any_rank, barrier, broadcast_object, sum_gradients, world
+from imram.errors import ConfigError, DataError, TrainingError
+from imram.evaluation import evaluate_model
+from imram.models import build_model
+from imram.precision import autocast, resolve_precision
+from imram.training.batch import batch_scores, mined_batch_loss
 from imram.training.loss import triplet_loss
 from imram.training.manifest import data_files, describe, read_manifest, verify, write_manifest
 
@@ -52,10 +53,6 @@ class TrainResult:
     last_metrics: dict[str, Any]
     interrupted: bool = False
     nonfinite_steps: int = 0
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -150,7 +147,7 @@ def train(
     rank, world_size = world()
     lead = rank == 0
     data, run = Path(data_dir), Path(run_dir)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     last_dir, best_dir = run / "last", run / "best"
     if resume:
         if lead:

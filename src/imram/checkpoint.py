@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from imram import files
 from imram.config import Config
 from imram.data.text import Vocabulary
 from imram.errors import DataError
@@ -68,16 +68,11 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, layout: 
     optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
 
 
-def _swapped_out(path: Path) -> Path:
-    """Where :func:`save_checkpoint` moves the previous ``path`` while it swaps in the new one."""
-    return path.parent / f".{path.name}.old"
-
-
 def recover_swap(path: str | Path) -> None:
     """Put ``path`` back if a crash fell between the two renames of a checkpoint swap."""
     path = Path(path)
-    old = _swapped_out(path)
-    if not (path / "checkpoint.json").is_file() and (old / "checkpoint.json").is_file():
+    old = files.recover_swap(path, "checkpoint.json")
+    if old is not None:
         os.replace(old, path)
 
 
@@ -91,8 +86,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint directory atomically: built beside ``path``, then swapped in."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = files.sibling_dir(path)
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": FORMAT})
@@ -109,15 +103,7 @@ def save_checkpoint(
             save_file(tensors, tmp / "trainer.safetensors", metadata={"format": FORMAT})
             meta["optimizer"] = layout
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        for child in tmp.iterdir():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
-        old = _swapped_out(path)
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        files.swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,7 +118,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     for name in ("best", "last"):
         if (path / name / "checkpoint.json").is_file():
             return path / name
-    old = _swapped_out(path)
+    old = files.swapped_out(path)
     if (old / "checkpoint.json").is_file():  # a crash between the two renames of a swap
         return old
     raise DataError(f"{path}: no checkpoint here (looked for checkpoint.json, best/, last/)")

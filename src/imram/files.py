@@ -1,0 +1,119 @@
+"""Files that are never half-written: atomic files, directory swaps, content hashes.
+
+Readers see an old file or directory or the new one, never part of either. A file is written
+beside its target and renamed over it; a directory (a checkpoint, an index) is built in a hidden
+sibling and swapped in by two renames, the old one parked at :func:`swapped_out` in between, so
+a crash between the renames leaves it there for :func:`recover_swap` to put back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from imram.errors import DataError
+
+CHUNK = 8 << 20  # bytes read at a time when hashing
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``path`` for the caller to write; on success it is
+    fsynced and renamed over ``path``, on any error removed.
+
+    The temporary file is created empty (exclusively, with the usual umask-derived
+    permissions), so writers may open it with any mode.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_output`)."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file to disk, or a directory's entries where the platform allows it."""
+    is_dir = path.is_dir()
+    try:
+        handle = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+    except OSError:
+        if not is_dir:
+            raise
+
+
+def sibling_dir(target: Path) -> Path:
+    """A new empty hidden directory beside ``target`` to build its replacement in."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+
+
+def swapped_out(target: Path) -> Path:
+    """Where :func:`swap_in` parks the previous ``target`` while it renames the new one in."""
+    return target.parent / f".{target.name}.old"
+
+
+def swap_in(built: Path, target: Path) -> None:
+    """Replace the directory ``target`` by the finished directory ``built``: every file of
+    ``built`` is fsynced, the old ``target`` is parked, ``built`` renamed, the old one removed."""
+    for child in built.iterdir():
+        if child.is_file():
+            fsync_path(child)
+    old = swapped_out(target)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(built, target)
+    fsync_path(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_swap(target: Path, marker: str) -> Path | None:
+    """After a crash between the two renames of :func:`swap_in`: the parked directory holding
+    ``marker`` when ``target`` lacks it (None when there is nothing to recover)."""
+    old = swapped_out(target)
+    if not (target / marker).is_file() and (old / marker).is_file():
+        return old
+    return None
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """SHA-256 (hex) and size of a file, read in chunks; an unreadable file is a DataError
+    naming it."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    return digest.hexdigest(), size

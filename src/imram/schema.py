@@ -1,0 +1,127 @@
+"""The model's typed configuration (design §encoders to §matching) and its choices: the schema
+that the models, the registry and every config section above them share. It imports no model,
+so the registry and the models can depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from imram.errors import ConfigError
+
+BRANCHES = ("full", "text", "image")
+ATTENTION_NORMS = ("clipped_l2norm", "relu_l2norm")
+ATTENTION_SIMS = ("dot", "cosine")
+AGGREGATORS = ("ours", "add", "mlp", "att", "gate")
+POOLINGS = ("avg", "lse")
+TEXT_POOLS = ("last", "mean")
+WORD_VECTORS = ("", "glove-6b-50d")
+MEMBER_BANKS = ("queue", "learned")
+MEMBER_POOLS = ("mean", "attention")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes a model's parameters and its score.
+
+    Defaults follow the published IMRAM runs (design §encoders to §matching); registry
+    entries override a few (e.g. SCAN i-t uses ``lambda_softmax=4``).
+    """
+
+    name: str = "imram_full"
+    vocab_size: int = 10000
+    word_dim: int = 300
+    img_dim: int = 2048
+    embed_dim: int = 1024
+    gru_layers: int = 1
+    # Word embeddings: "" (random) or "glove-6b-50d" (needs word_dim 50); frozen or trained.
+    word_vectors: str = ""
+    freeze_words: bool = False
+    # Cross-attention models (IMRAM, SCAN).
+    branch: str = "full"
+    steps: int = 3
+    lambda_softmax: float = 9.0
+    lambda_image: float | None = None
+    attn_norm: str = "clipped_l2norm"
+    attn_sim: str = "dot"
+    aggregator: str = "ours"
+    renorm: bool = False
+    pooling: str = "avg"
+    lambda_lse: float = 6.0
+    # Embedding models (VSE++).
+    text_pool: str = "last"
+    # MEMBER: fragments per memory bank, how a bank is filled, how fragments are pooled; its
+    # attention takes λ from lambda_softmax (words) and image_lambda (regions).
+    member_bank_size: int = 2048
+    member_bank: str = "queue"
+    member_pool: str = "mean"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        choices = {
+            "branch": BRANCHES,
+            "attn_norm": ATTENTION_NORMS,
+            "attn_sim": ATTENTION_SIMS,
+            "aggregator": AGGREGATORS,
+            "pooling": POOLINGS,
+            "text_pool": TEXT_POOLS,
+            "member_bank": MEMBER_BANKS,
+            "member_pool": MEMBER_POOLS,
+        }
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ConfigError(f"model.{key}={value!r} is not one of {', '.join(allowed)}")
+        positive = (
+            "vocab_size",
+            "word_dim",
+            "img_dim",
+            "embed_dim",
+            "gru_layers",
+            "steps",
+            "member_bank_size",
+        )
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key}={value!r} must be a positive integer")
+        for key in ("lambda_softmax", "lambda_lse"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} must be > 0")
+        if self.word_vectors not in WORD_VECTORS:
+            raise ConfigError(
+                f"model.word_vectors={self.word_vectors!r} is not one of "
+                + ", ".join(repr(w) for w in WORD_VECTORS)
+            )
+        if self.word_vectors and self.word_dim != 50:
+            raise ConfigError(
+                f"model.word_vectors={self.word_vectors} gives 50-d vectors; "
+                f"set model.word_dim=50 (got {self.word_dim})"
+            )
+        if self.lambda_image is not None and not self.lambda_image > 0:
+            raise ConfigError(f"model.lambda_image={self.lambda_image!r} must be > 0 or null")
+
+    @property
+    def image_lambda(self) -> float:
+        """λ of the image-query branch (regions attend over words)."""
+        return self.lambda_softmax if self.lambda_image is None else self.lambda_image
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build from a mapping, refusing unknown keys with the list of valid ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config key(s) {', '.join(unknown)}; valid keys: "
+                + ", ".join(sorted(known))
+            )
+        return cls(**values)

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from imram.evaluation import encode_in_batches, evaluate_model
-from imram.models import build_model
+from imram.models import EmbeddingModel, build_model
 from imram.models.encoders import EPS
 from imram.models.memory import MemoryDistillation
-from imram.models.registry import model_config
+from imram.models.registry import model_class, model_config
 from imram.precision import autocast
 from imram.scoring import block_similarity, score_gallery
 
@@ -470,8 +470,10 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-# Registry names that score by a dot product: no mined or release-style step to time.
-EMBEDDING_MODELS = ("vsepp", "member")
+def is_embedding(name: str) -> bool:
+    """Whether registry ``name`` scores by a dot product: no mined or release-style step to
+    time."""
+    return issubclass(model_class(name), EmbeddingModel)
 
 
 @dataclass
@@ -611,7 +613,7 @@ def bench_training(
     ctx = mp.get_context("spawn")
     results = []
     for name in names:
-        cross = name not in EMBEDDING_MODELS
+        cross = not is_embedding(name)
         for precision in precisions:
             kinds = ["engine"]
             if cross:

@@ -205,7 +205,6 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from imram.bench import (
-        EMBEDDING_MODELS,
         TIME_TO_ACCURACY_PRESETS,
         TrainingShape,
         bench_low_precision_scoring,
@@ -218,6 +217,7 @@ def _bench(args: argparse.Namespace) -> int:
         format_low_precision,
         format_scoring,
         format_training,
+        is_embedding,
         low_precision_rsum,
     )
 
@@ -253,7 +253,7 @@ def _bench(args: argparse.Namespace) -> int:
                 )
                 print(format_training(results, shape), flush=True)
         low = [p for p in args.precisions if p != "fp32"]
-        names = tuple(n for n in names if n not in EMBEDDING_MODELS)
+        names = tuple(n for n in names if not is_embedding(n))
         if low and not args.no_scoring:
             scoring = bench_low_precision_scoring(
                 tuple((name, steps_k) for name in names),

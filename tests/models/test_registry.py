@@ -7,7 +7,19 @@ import torch
 
 from imram.config import ModelConfig
 from imram.errors import ConfigError
-from imram.models import IMRAM, MEMBER, SCAN, VSEPP, build_model, list_models, model_config
+from imram.models import (
+    IMRAM,
+    MEMBER,
+    SCAN,
+    VSEPP,
+    CrossAttentionModel,
+    EmbeddingModel,
+    build_model,
+    list_models,
+    model_config,
+    register_model,
+)
+from imram.models.registry import model_class
 
 SMALL = dict(vocab_size=30, word_dim=6, img_dim=10, embed_dim=8)
 
@@ -119,3 +131,36 @@ def test_zero_length_caption_is_refused():
     model = build_model("imram_full", **SMALL)
     with pytest.raises(ValueError, match="at least one token"):
         model.encode_captions(torch.zeros(2, 3, dtype=torch.long), torch.tensor([3, 0]))
+
+
+def test_every_model_declares_its_kind():
+    """The scorer, trainer and index dispatch on the two declared kinds, so each registered
+    name is exactly one of them, and the kind matches how the model embeds an item."""
+    tokens, lengths = torch.randint(4, 30, (2, 5)), torch.tensor([5, 2])
+    for name in list_models():
+        model = build_model(name, **SMALL).eval()
+        cross = isinstance(model, CrossAttentionModel)
+        assert cross != isinstance(model, EmbeddingModel), name
+        assert issubclass(model_class(name), CrossAttentionModel) == cross
+        with torch.no_grad():
+            images = model.encode_images(torch.randn(3, 4, 10))
+            captions = model.encode_captions(tokens, lengths)
+        assert images.dim() == captions.dim() == (3 if cross else 2), name
+
+
+def test_registry_refuses_a_class_of_neither_kind():
+    class Plain(torch.nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match="neither an EmbeddingModel nor a CrossAttentionModel"):
+        register_model("plain", Plain)
+    assert "plain" not in list_models()
+
+
+def test_a_model_missing_an_interface_method_cannot_be_built():
+    class Half(EmbeddingModel):
+        def encode_images(self, features):
+            return features.mean(dim=1)
+
+    with pytest.raises(TypeError, match="encode_captions"):
+        Half()

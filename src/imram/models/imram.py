@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from imram.models.attention import (
     attend,
@@ -17,7 +17,9 @@ from imram.models.attention import (
     raw_scores,
 )
 from imram.models.encoders import build_encoders, length_mask
+from imram.models.interface import CrossAttentionModel
 from imram.models.memory import MemoryDistillation
+from imram.models.registry import register_model
 from imram.models.workspace import gather, scratch
 from imram.precision import at_least_fp32
 from imram.schema import ModelConfig
@@ -260,7 +262,7 @@ def _summed(branches: dict[str, Tensor]) -> Tensor:
     return total
 
 
-class IMRAM(nn.Module):
+class IMRAM(CrossAttentionModel):
     """Text-IMRAM (words query regions), Image-IMRAM (regions query words), or both summed."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -422,3 +424,8 @@ class IMRAM(nn.Module):
         ``image`` traces ``[image, caption, …]`` (regions attend over words).
         """
         return self._branches(image_emb, caption_emb, lengths, trace=True)
+
+
+register_model("imram_full", IMRAM, branch="full")
+register_model("imram_text", IMRAM, branch="text")
+register_model("imram_image", IMRAM, branch="image")

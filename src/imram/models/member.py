@@ -37,15 +37,10 @@ from torch import Tensor, nn
 
 from imram.distributed import batch_is_sharded, gather_uneven
 from imram.models.attention import attend, attention_from_scores, raw_scores
-from imram.models.encoders import (
-    build_encoders,
-    dot_scores,
-    l2norm,
-    length_mask,
-    masked_mean,
-    pair_dot_scores,
-)
+from imram.models.encoders import build_encoders, l2norm, length_mask, masked_mean
+from imram.models.interface import EmbeddingModel
 from imram.models.memory import MemoryDistillation
+from imram.models.registry import register_model
 from imram.schema import ModelConfig
 
 MODALITIES = ("image", "text")
@@ -69,7 +64,7 @@ class AttentionPool(nn.Module):
         return torch.einsum("nk,nkd->nd", weights.to(fragments.dtype), fragments)
 
 
-class MEMBER(nn.Module):
+class MEMBER(EmbeddingModel):
     """Regions and words enriched from the other modality's memory bank, pooled to one vector."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -150,21 +145,6 @@ class MEMBER(nn.Module):
         self._stage("text", words[mask])
         return l2norm(pooled)
 
-    embed_images = encode_images
-    embed_captions = encode_captions
-
-    def similarity(
-        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
-    ) -> Tensor:
-        """``[n_images, n_captions]`` dot products (``lengths`` only keeps the common signature)."""
-        return dot_scores(image_emb, caption_emb)
-
-    def pair_similarity(
-        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
-    ) -> Tensor:
-        """``[P]`` scores of image p with caption p (the diagonal of :meth:`similarity`)."""
-        return pair_dot_scores(image_emb, caption_emb)
-
     def _writes(self) -> bool:
         """Whether calls now stage and commit fragments: a queue bank in training mode."""
         return self.uses_queue and self.training
@@ -204,3 +184,6 @@ class MEMBER(nn.Module):
         ptr.copy_((ptr + n) % size)
         filled.copy_((filled + n).clamp(max=size))
         count.zero_()
+
+
+register_model("member", MEMBER)

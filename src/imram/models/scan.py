@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from imram.errors import ConfigError
 from imram.models.imram import IMRAM
+from imram.models.registry import register_model
 from imram.schema import ModelConfig
 
 
@@ -24,3 +25,7 @@ class SCAN(IMRAM):
                 f"{config.name}: SCAN scores one direction; model.branch must be text or image"
             )
         super().__init__(config)
+
+
+register_model("scan_t2i", SCAN, branch="text", steps=1, lambda_softmax=9.0, lambda_lse=6.0)
+register_model("scan_i2t", SCAN, branch="image", steps=1, lambda_softmax=4.0, lambda_lse=5.0)

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from imram.models.encoders import (
-    build_encoders,
-    dot_scores,
-    l2norm,
-    length_mask,
-    masked_mean,
-    pair_dot_scores,
-)
+from imram.models.encoders import build_encoders, l2norm, length_mask, masked_mean
+from imram.models.interface import EmbeddingModel
+from imram.models.registry import register_model
 from imram.schema import ModelConfig
 
 
-class VSEPP(nn.Module):
+class VSEPP(EmbeddingModel):
     """Image = L2(mean of projected regions); caption = L2(final Bi-GRU state, or word mean)."""
 
     def __init__(self, config: ModelConfig) -> None:
@@ -34,17 +29,5 @@ class VSEPP(nn.Module):
             return l2norm(sentence)
         return l2norm(masked_mean(words, length_mask(lengths.to(words.device), words.shape[1])))
 
-    embed_images = encode_images
-    embed_captions = encode_captions
 
-    def similarity(
-        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
-    ) -> Tensor:
-        """``[n_images, n_captions]`` dot products (``lengths`` only keeps the common signature)."""
-        return dot_scores(image_emb, caption_emb)
-
-    def pair_similarity(
-        self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor | None = None
-    ) -> Tensor:
-        """``[P]`` scores of image p with caption p (the diagonal of :meth:`similarity`)."""
-        return pair_dot_scores(image_emb, caption_emb)
+register_model("vsepp", VSEPP)

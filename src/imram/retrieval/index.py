@@ -7,8 +7,8 @@ SHA-256 of its weights), the data split, the gallery's names and captions, and t
 SHA-256 of each FAISS file. Loading checks all of it, so a corrupt file or a different
 checkpoint is refused instead of returning wrong neighbours.
 
-Only embedding models (one vector per image and per caption: ``embed_images`` and
-``embed_captions``, e.g. vsepp) can be indexed; cross-attention models such as IMRAM score each
+Only embedding models (:class:`~imram.models.interface.EmbeddingModel`: one vector per image and
+per caption, e.g. vsepp) can be indexed; cross-attention models such as IMRAM score each
 pair and re-rank a shortlist retrieved by an embedding model instead.
 """
 
@@ -41,6 +41,7 @@ from imram.features.extract import (
     load_efficientnet_lite,
 )
 from imram.files import fsync_path, sha256_file, swap_in, swapped_out
+from imram.models.interface import EmbeddingModel
 
 FORMAT = "imram-index/1"
 META_NAME = "index.json"
@@ -104,10 +105,10 @@ def checkpoint_weights(checkpoint: str | Path) -> tuple[Path, dict[str, str]]:
     return resolved.resolve(), {weights.name: sha256_file(weights)[0]}
 
 
-def _embedding_model(checkpoint: Checkpoint) -> nn.Module:
+def _embedding_model(checkpoint: Checkpoint) -> EmbeddingModel:
     """The checkpoint's model if it embeds images and captions as single vectors, else refuse."""
     model = checkpoint.model
-    if not (hasattr(model, "embed_images") and hasattr(model, "embed_captions")):
+    if not isinstance(model, EmbeddingModel):
         name = checkpoint.config.model.name
         raise ConfigError(
             f"{checkpoint.path}: model {name!r} scores each image-caption pair by cross-attention "
@@ -148,7 +149,7 @@ def _lists(
 
 
 def _embed_images(
-    model: nn.Module, dataset: PrecompDataset, batch_size: int, device: torch.device
+    model: EmbeddingModel, dataset: PrecompDataset, batch_size: int, device: torch.device
 ) -> Callable[[np.ndarray], Iterator[np.ndarray]]:
     def embed(indices: np.ndarray) -> Iterator[np.ndarray]:
         for start in range(0, len(indices), batch_size):
@@ -159,7 +160,7 @@ def _embed_images(
 
 
 def _embed_captions(
-    model: nn.Module, dataset: PrecompDataset, batch_size: int, device: torch.device
+    model: EmbeddingModel, dataset: PrecompDataset, batch_size: int, device: torch.device
 ) -> Callable[[np.ndarray], Iterator[np.ndarray]]:
     def embed(indices: np.ndarray) -> Iterator[np.ndarray]:
         for start in range(0, len(indices), batch_size):

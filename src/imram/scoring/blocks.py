@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.utils.checkpoint
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
+
+from imram.models.interface import CrossAttentionModel, EmbeddingModel, RetrievalModel
 
 # On CPU, one-step models score fastest in blocks of 64-128 MB (their score tensors stay in
 # cache) and K=3 models are flat from 64 to 512 MB (measured on 2 cores, d=1024), so inference
@@ -28,7 +30,7 @@ CPU_BLOCK_MB = 128.0
 
 
 def pairs_per_block(
-    model: nn.Module, image_emb: Tensor, caption_emb: Tensor, budget_mb: float = 1024.0
+    model: RetrievalModel, image_emb: Tensor, caption_emb: Tensor, budget_mb: float = 1024.0
 ) -> int:
     """How many pairs one block may hold so its pair-sized intermediates fit ``budget_mb``
     (at most :data:`CPU_BLOCK_MB` for inference on CPU).
@@ -38,23 +40,23 @@ def pairs_per_block(
     fragment × fragment score tensors; several times that when autograd keeps them for the
     backward pass. Embedding models score a block with one matrix product.
     """
-    if caption_emb.dim() != 3:
+    if isinstance(model, EmbeddingModel):
         return max(1, image_emb.shape[0] * caption_emb.shape[0])
     grad = torch.is_grad_enabled()
     if image_emb.device.type == "cpu" and not grad:
         budget_mb = min(budget_mb, CPU_BLOCK_MB)
     regions, words = image_emb.shape[1], caption_emb.shape[1]
-    if getattr(getattr(model, "config", None), "steps", 2) > 1:
+    if model.config.steps > 1:
         per_pair = 4 * (regions + words) * 4 * image_emb.shape[-1]
     else:
         per_pair = 8 * regions * words * 4
     return max(1, int(budget_mb * 2**20 // (per_pair * (6 if grad else 1))))
 
 
-def _chunk_captions(caption_emb: Tensor, budget_mb: float) -> int:
+def _chunk_captions(model: RetrievalModel, caption_emb: Tensor, budget_mb: float) -> int:
     """Captions whose prepared per-item terms (about ``5·L·d`` values each) fit half the
     budget: they are computed once per chunk, in one product of many rows."""
-    if caption_emb.dim() != 3:
+    if not isinstance(model, CrossAttentionModel):
         return caption_emb.shape[0]
     per_caption = 5 * caption_emb.shape[1] * caption_emb.shape[2] * caption_emb.element_size()
     return max(1, int(budget_mb * 2**20 / 2 // per_caption))
@@ -78,7 +80,7 @@ def image_rows(n_images: int, max_pairs: int, image_block: int | None = None) ->
 
 
 def _blocks(
-    model: nn.Module,
+    model: RetrievalModel,
     image_emb: Tensor,
     caption_emb: Tensor,
     lengths: Tensor,
@@ -101,35 +103,29 @@ def _blocks(
     cap_step = max(1, max_pairs // img_step)
     chunk = max(cap_step, -(-(chunk or n_cap) // cap_step) * cap_step)
     order = torch.argsort(lengths.cpu(), stable=True).to(lengths.device)
-    prepare_images = getattr(model, "prepare_images", None)
-    prepare_captions = getattr(model, "prepare_captions", None)
+    cross = isinstance(model, CrossAttentionModel)
     for c in range(0, n_cap, chunk):
         members = order[c : c + chunk]
         prepared = None
-        if prepare_captions is not None:
-            prepared = prepare_captions(caption_emb[members], lengths[members])
+        if cross:
+            prepared = model.prepare_captions(caption_emb[members], lengths[members])
         for i in range(0, n_img, img_step):
             if only is not None and not only.start <= i < only.stop:
                 continue
             images = slice(i, min(i + img_step, n_img))
             image_side = image_emb[images]
-            if prepare_images is not None:
-                image_side = prepare_images(image_side)
+            if cross:
+                image_side = model.prepare_images(image_side)
             for j in range(0, len(members), cap_step):
                 rows = torch.arange(j, min(j + cap_step, len(members)), device=members.device)
                 idx = members[rows]
                 lens = lengths[idx]
-                if prepared is not None:
-                    side = prepared.take(rows)
-                elif caption_emb.dim() == 3:
-                    side = caption_emb[idx, : int(lens.max())]
-                else:
-                    side = caption_emb[idx]
+                side = prepared.take(rows) if cross else caption_emb[idx]
                 yield Block(images, idx, image_side, side, lens)
 
 
 def block_similarity(
-    model: nn.Module,
+    model: RetrievalModel,
     image_emb: Tensor,
     caption_emb: Tensor,
     lengths: Tensor,
@@ -148,7 +144,7 @@ def block_similarity(
     """
     recompute = checkpoint and torch.is_grad_enabled()
     max_pairs = max_pairs or pairs_per_block(model, image_emb, caption_emb, budget_mb)
-    chunk = _chunk_captions(caption_emb, budget_mb)
+    chunk = _chunk_captions(model, caption_emb, budget_mb)
     rows: dict[int, list[Tensor]] = {}
     columns: list[Tensor] = []  # the caption order, the same in every row of blocks
     for b in _blocks(model, image_emb, caption_emb, lengths, max_pairs, chunk=chunk):
@@ -196,7 +192,7 @@ class GalleryScores:
 
 @torch.no_grad()
 def score_gallery(
-    model: nn.Module,
+    model: RetrievalModel,
     image_emb: Tensor,
     caption_emb: Tensor,
     lengths: Tensor,
@@ -219,7 +215,7 @@ def score_gallery(
     if out is not None and tuple(out.shape) != (n_img, n_cap):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n_img, n_cap)}")
     max_pairs = pairs_per_block(model, image_emb, caption_emb, budget_mb)
-    chunk = _chunk_captions(caption_emb, budget_mb)
+    chunk = _chunk_captions(model, caption_emb, budget_mb)
     k_cap, k_img = min(topk or 1, n_cap), min(topk or 1, n_img)
     img_best = TopK(torch.full((n_img, k_cap), float("-inf")), torch.full((n_img, k_cap), -1))
     cap_best = TopK(torch.full((n_cap, k_img), float("-inf")), torch.full((n_cap, k_img), -1))
@@ -259,7 +255,7 @@ def _bytes_held(prepared: object) -> int:
 
 @torch.no_grad()
 def score_pairs(
-    model: nn.Module,
+    model: RetrievalModel,
     image_emb: Tensor,
     caption_emb: Tensor,
     lengths: Tensor,
@@ -281,12 +277,11 @@ def score_pairs(
     out = torch.empty(rows.shape[0], dtype=torch.promote_types(caption_emb.dtype, torch.float32))
     if rows.numel() == 0:
         return out
-    prepare_images = getattr(model, "prepare_images", None)
-    prepare_captions = getattr(model, "prepare_captions", None)
+    cross = isinstance(model, CrossAttentionModel)
     images = torch.unique(rows)
     group = len(images)
-    if prepare_images is not None:
-        per_image = _bytes_held(prepare_images(image_emb[images[:1]]))
+    if cross:
+        per_image = _bytes_held(model.prepare_images(image_emb[images[:1]]))
         group = max(1, min(group, int(cache_mb * 2**20 // max(per_image, 1))))
     chunk = pairs_per_block(model, image_emb, caption_emb, budget_mb)
     position = torch.searchsorted(images, rows.contiguous())
@@ -299,22 +294,19 @@ def score_pairs(
     for g, end in enumerate(ends):
         members = images[g * group : (g + 1) * group]
         image_side = image_emb[members]
-        if prepare_images is not None:
-            image_side = prepare_images(image_side)
+        if cross:
+            image_side = model.prepare_images(image_side)
         for start in range(begin, end, chunk):
             idx = order[start : min(start + chunk, end)].to(rows.device)
             local = position[idx] - g * group
             pair_cols = cols[idx]
             captions, caption_of = torch.unique(pair_cols, return_inverse=True)
-            if prepare_captions is not None:
-                prepared = prepare_captions(caption_emb[captions], lengths[captions])
+            if cross:
+                prepared = model.prepare_captions(caption_emb[captions], lengths[captions])
                 side = prepared.take(caption_of, slot="pairs.captions")
-            else:
-                side = caption_emb[pair_cols]
-            if prepare_images is not None:
                 pair_images = image_side.take(local, slot="pairs.images")
             else:
-                pair_images = image_side[local]
+                side, pair_images = caption_emb[pair_cols], image_side[local]
             scores = model.pair_similarity(pair_images, side, lengths[pair_cols])
             out[idx.cpu()] = scores.to(out.dtype).cpu()
             bar.update(len(idx))
@@ -333,7 +325,7 @@ def shard(n_items: int, rank: int, world_size: int, step: int = 1) -> slice:
 
 @torch.no_grad()
 def distributed_similarity(
-    model: nn.Module,
+    model: RetrievalModel,
     image_emb: Tensor,
     caption_emb: Tensor,
     lengths: Tensor,

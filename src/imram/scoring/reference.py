@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from imram.models.interface import EmbeddingModel, RetrievalModel
+
 # The encoders' 1e-8, restated on purpose: the oracle shares no code with what it checks.
 EPS = 1e-8
 
@@ -73,7 +75,7 @@ def _branch(x0: Tensor, y: Tensor, memory: nn.Module | None, lam: float, config)
 
 
 def reference_similarity(
-    model: nn.Module, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor
+    model: RetrievalModel, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor
 ) -> Tensor:
     """Score every pair one at a time → ``[n_images, n_captions]``, for any registered model."""
     config = model.config
@@ -82,7 +84,7 @@ def reference_similarity(
     for i in range(n_img):
         row = []
         for j in range(n_cap):
-            if image_emb.dim() == 2:  # embedding models: one vector per item
+            if isinstance(model, EmbeddingModel):  # one vector per item
                 row.append((image_emb[i] * caption_emb[j]).sum())
                 continue
             v = image_emb[i]

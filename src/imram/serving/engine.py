@@ -28,6 +28,7 @@ from imram.errors import ConfigError, DataError
 from imram.features.efficientnet_lite import load_efficientnet_lite
 from imram.features.extract import ExtractorConfig, ImageError, image_features
 from imram.models.imram import BranchTrace
+from imram.models.interface import RetrievalModel
 from imram.retrieval.index import GalleryIndex, Hit, load_index
 from imram.retrieval.two_stage import rerank_by_features
 
@@ -182,7 +183,7 @@ class SearchService:
         """The re-ranking checkpoint on the device, and the indexed split's region features."""
         loaded = load_checkpoint(rerank)
         model = loaded.model
-        if not all(hasattr(model, n) for n in ("encode_images", "encode_captions", "similarity")):
+        if not isinstance(model, RetrievalModel):
             raise ConfigError(
                 f"{loaded.path}: model {loaded.config.model.name!r} cannot re-rank; use an IMRAM "
                 "or SCAN checkpoint"

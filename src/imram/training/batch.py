@@ -20,10 +20,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from imram.data import PrecompBatch
 from imram.distributed import gather_rows, sharded_batch, split_sizes, world
+from imram.models.interface import CrossAttentionModel, RetrievalModel
 from imram.models.workspace import gather
 from imram.precision import at_least_fp32
 from imram.scoring import block_similarity, score_pairs
@@ -48,7 +49,7 @@ class EncodedBatch:
         return len(self.sizes) > 1
 
 
-def encode_batch(model: nn.Module, batch: PrecompBatch, device: torch.device) -> EncodedBatch:
+def encode_batch(model: RetrievalModel, batch: PrecompBatch, device: torch.device) -> EncodedBatch:
     """Encode a global batch with autograd: whole in one process (or when the batch is smaller
     than the world), else this rank's contiguous share, with every rank's images gathered."""
     rank, world_size = world()
@@ -75,7 +76,7 @@ def _gather_columns(columns: Tensor, encoded: EncodedBatch) -> Tensor:
 
 
 def batch_scores(
-    model: nn.Module,
+    model: RetrievalModel,
     batch: PrecompBatch,
     device: torch.device,
     budget_mb: float,
@@ -115,7 +116,7 @@ def _by_owner(cols: Tensor, encoded: EncodedBatch) -> tuple[Tensor, list[int], T
 COARSE_ROWS = 16  # images per block of step-1 scores: 2.3x the rate of one [B, B] block
 
 
-def _first_step_scores(model: nn.Module, encoded: EncodedBatch) -> Tensor:
+def _first_step_scores(model: RetrievalModel, encoded: EncodedBatch) -> Tensor:
     """Step-1 scores of every image against this rank's captions, in rows of
     :data:`COARSE_ROWS` images (the captions' step-1 terms prepared once)."""
     images, lengths = encoded.images, encoded.lengths
@@ -128,7 +129,7 @@ def _first_step_scores(model: nn.Module, encoded: EncodedBatch) -> Tensor:
 
 
 def mining_scores(
-    model: nn.Module, encoded: EncodedBatch, budget_mb: float, shortlist: int | None = None
+    model: RetrievalModel, encoded: EncodedBatch, budget_mb: float, shortlist: int | None = None
 ) -> Tensor:
     """The ``[B, B]`` scores (no autograd, fp32 at least, equal on every rank) that choose the
     hardest negatives: every pair's, or with ``shortlist`` = m only the pairs among each
@@ -138,7 +139,7 @@ def mining_scores(
     (K=1, embedding models) score every pair."""
     images, captions, lengths = encoded.images, encoded.captions, encoded.lengths
     n = images.shape[0]
-    cheaper = getattr(model, "first_step_similarity", None) is not None and model.config.steps > 1
+    cheaper = isinstance(model, CrossAttentionModel) and model.config.steps > 1
     if shortlist is None or not cheaper or shortlist >= n - 1:
         columns = block_similarity(model, images, captions, lengths, budget_mb=budget_mb)
         return _gather_columns(at_least_fp32(columns), encoded)
@@ -160,25 +161,28 @@ def mining_scores(
 
 
 def _rescore(
-    model: nn.Module, images: Tensor, captions: Tensor, lengths: Tensor, rows: Tensor, cols: Tensor
+    model: RetrievalModel,
+    images: Tensor,
+    captions: Tensor,
+    lengths: Tensor,
+    rows: Tensor,
+    cols: Tensor,
 ) -> Tensor:
     """Scores (with autograd) of the pairs (image ``rows[p]``, caption ``cols[p]``): each item's
     terms prepared once, then gathered per pair by ``index_select``, whose backward sums the
     rows of repeated items in a fixed order (``x[idx]``'s index_put_ does not, on CPU threads),
     so that resume stays bitwise."""
-    prepare_images = getattr(model, "prepare_images", None)
-    prepare_captions = getattr(model, "prepare_captions", None)
-    if prepare_images is None or prepare_captions is None:
+    if not isinstance(model, CrossAttentionModel):
         return model.pair_similarity(
             gather(images, rows), gather(captions, cols), lengths.index_select(0, cols)
         )
-    image_side = prepare_images(images).take(rows)
-    caption_side = prepare_captions(captions, lengths).take(cols)
+    image_side = model.prepare_images(images).take(rows)
+    caption_side = model.prepare_captions(captions, lengths).take(cols)
     return model.pair_similarity(image_side, caption_side, caption_side.lengths)
 
 
 def mined_batch_loss(
-    model: nn.Module,
+    model: RetrievalModel,
     batch: PrecompBatch,
     device: torch.device,
     budget_mb: float,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from imram import files
@@ -29,6 +31,7 @@ from imram.data.text import Vocabulary
 from imram.errors import DataError
 from imram.models import build_model
 
+logger = logging.getLogger(__name__)
 FORMAT = "imram-checkpoint/1"
 
 
@@ -69,11 +72,13 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, layout: 
 
 
 def recover_swap(path: str | Path) -> None:
-    """Put ``path`` back if a crash fell between the two renames of a checkpoint swap."""
+    """Put ``path`` back if a crash fell between the two renames of a checkpoint swap, and
+    remove the half-written checkpoints a killed writer left beside it (``.NAME.tmp-*``)."""
     path = Path(path)
     old = files.recover_swap(path, "checkpoint.json")
     if old is not None:
         os.replace(old, path)
+    files.remove_stale_siblings(path)
 
 
 def save_checkpoint(
@@ -102,7 +107,12 @@ def save_checkpoint(
             tensors["rng.torch"] = torch.get_rng_state()
             save_file(tensors, tmp / "trainer.safetensors", metadata={"format": FORMAT})
             meta["optimizer"] = layout
-        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        meta["files_sha256"] = {
+            f.name: files.sha256_file(f)[0] for f in sorted(tmp.glob("*.safetensors"))
+        }
+        (tmp / "checkpoint.json").write_text(
+            json.dumps(files.sealed(meta), indent=1), encoding="utf-8"
+        )
         files.swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,16 +121,29 @@ def save_checkpoint(
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory resolves to its ``best/`` (else ``last/``); a checkpoint dir to itself."""
+    """A checkpoint directory resolves to itself, a run directory to its ``best/``. A run
+    with no ``best/`` yet (no validation has run) resolves to ``last/``, saying so; a damaged
+    ``best/`` is an error, never silently replaced by ``last/``."""
     path = Path(path)
     if (path / "checkpoint.json").is_file():
         return path
-    for name in ("best", "last"):
-        if (path / name / "checkpoint.json").is_file():
-            return path / name
-    old = files.swapped_out(path)
-    if (old / "checkpoint.json").is_file():  # a crash between the two renames of a swap
+    old = files.recover_swap(path, "checkpoint.json")
+    if old is not None:  # a crash between the two renames of a swap
         return old
+    best, last = path / "best", path / "last"
+    if best.is_dir() or files.recover_swap(best, "checkpoint.json") is not None:
+        if (best / "checkpoint.json").is_file():
+            return best
+        old = files.recover_swap(best, "checkpoint.json")
+        if old is not None:
+            return old
+        raise DataError(
+            f"{best / 'checkpoint.json'}: missing, so the run's best checkpoint is damaged; "
+            f"pass {last} to use the last checkpoint instead"
+        )
+    if (last / "checkpoint.json").is_file():
+        logger.warning("%s: no best/ checkpoint (no validation has run yet); using last/", path)
+        return resolve_checkpoint(last)
     raise DataError(f"{path}: no checkpoint here (looked for checkpoint.json, best/, last/)")
 
 
@@ -144,11 +167,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     config = Config.from_dict(meta["config"], str(path / "checkpoint.json"))
     vocab = Vocabulary.from_json(meta["vocab"], str(path / "checkpoint.json"))
     model = build_model(config.model)
-    try:
-        weights = load_file(path / "model.safetensors", device=str(map_location))
-    except (OSError, SafetensorError) as err:
-        raise DataError(f"{path / 'model.safetensors'}: unreadable weights ({err})") from None
-    load_weights(model, weights, str(path / "model.safetensors"))
+    weights = path / "model.safetensors"
+    load_weights(model, read_tensors(weights, meta, map_location), str(weights))
+    files.check_sealed(meta, path / "checkpoint.json")  # last: the checks above name the fault
     return Checkpoint(model.eval(), config, vocab, path, meta.get("state", {}))
 
 
@@ -173,10 +194,27 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str
     model.load_state_dict(weights)
 
 
+def read_tensors(
+    path: Path, meta: dict[str, Any], device: str | torch.device = "cpu", what: str = "weights"
+) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's safetensors file, checked against the SHA-256 that
+    ``meta`` (its checkpoint.json) records while it is read; a missing, truncated, damaged or
+    changed file is a DataError naming it and ``what`` it holds."""
+    if not path.is_file():
+        raise DataError(f"{path}: unreadable {what} (the file is missing)")
+    data = files.read_bytes(path)
+    try:
+        tensors = load_safetensors(data)
+    except SafetensorError as err:
+        raise DataError(f"{path}: unreadable {what} ({err})") from None
+    files.check_sha256(path, data, meta.get("files_sha256", {}).get(path.name))
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
     """Restore the optimizer and the torch RNG saved beside a checkpoint's weights."""
     meta = read_meta(path)
-    tensors = load_file(path / "trainer.safetensors")
+    tensors = read_tensors(path / "trainer.safetensors", meta, what="trainer state")
     _restore_optimizer(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
 
@@ -226,9 +264,12 @@ def import_release_checkpoint(path: str | Path, vocab: Vocabulary | None = None)
         with torch.serialization.safe_globals(_release_globals()):
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        # torch's own message may advise loading with weights_only=False, which would run
+        # the file's code: only the error's kind is passed on.
         raise DataError(
             f"{path}: refused: not a release checkpoint loadable without executing code "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            f"({type(err).__name__}); imram never unpickles code, so such a file cannot be "
+            "imported"
         ) from None
     if not isinstance(raw, dict) or "model" not in raw or "opt" not in raw:
         raise DataError(f"{path}: a release checkpoint is a dict with 'model' and 'opt'")

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from imram.errors import ConfigError, ImramError
+from imram.errors import ConfigError, ImramError, Interrupted
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -839,6 +839,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as err:
+        print(f"imram {args.command}: {err}", file=sys.stderr)
+        return 130
     except ImramError as err:
         print(f"imram {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,11 @@ class ConfigError(ImramError, ValueError):
     """A configuration key, value, preset or model name is unknown or invalid."""
 
 
+class Interrupted(ImramError):
+    """A workflow stopped on SIGTERM/SIGINT after its training checkpointed; running the same
+    command again resumes it."""
+
+
 class TrainingError(ImramError, RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why
     and where the last good checkpoint is."""

@@ -9,6 +9,7 @@ a crash between the renames leaves it there for :func:`recover_swap` to put back
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -75,6 +76,24 @@ def sibling_dir(target: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
 
 
+def is_sibling_of(name: str, target_name: str) -> bool:
+    """Whether ``name`` is one of the hidden directories :func:`sibling_dir` and
+    :func:`swap_in` make beside a target called ``target_name``."""
+    return name.startswith(f".{target_name}.tmp-") or name == f".{target_name}.old"
+
+
+def remove_stale_siblings(target: Path) -> list[Path]:
+    """Remove the build directories of ``target`` that a killed writer left (``.NAME.tmp-*``);
+    call only when no other process writes ``target``. Returns what was removed."""
+    removed = []
+    if target.parent.is_dir():
+        for child in target.parent.glob(f".{target.name}.tmp-*"):
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
 def swapped_out(target: Path) -> Path:
     """Where :func:`swap_in` parks the previous ``target`` while it renames the new one in."""
     return target.parent / f".{target.name}.old"
@@ -102,6 +121,51 @@ def recover_swap(target: Path, marker: str) -> Path | None:
     if not (target / marker).is_file() and (old / marker).is_file():
         return old
     return None
+
+
+PAYLOAD_KEY = "payload_sha256"
+
+
+def payload_sha256(record: dict) -> str:
+    """SHA-256 of a JSON record without its own :data:`PAYLOAD_KEY`, in a canonical form
+    (sorted keys, no spaces), so that whitespace changes do not count and edits do."""
+    body = {k: v for k, v in record.items() if k != PAYLOAD_KEY}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sealed(record: dict) -> dict:
+    """``record`` with its :func:`payload_sha256` added, for writing."""
+    return {**record, PAYLOAD_KEY: payload_sha256(record)}
+
+
+def check_sealed(record: dict, source: Path | str) -> None:
+    """Refuse a record whose payload changed since :func:`sealed` (records written before
+    seals existed carry none and pass)."""
+    stored = record.get(PAYLOAD_KEY)
+    if stored is not None and stored != payload_sha256(record):
+        raise DataError(
+            f"{source}: its contents changed after it was written ({PAYLOAD_KEY} does not "
+            "match); restore the original or rebuild it"
+        )
+
+
+def read_bytes(path: Path) -> bytes:
+    """A file's bytes; an unreadable file is a DataError naming it."""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def check_sha256(path: Path, data: bytes, sha256: str | None) -> None:
+    """Refuse ``data`` (read from ``path``) unless its SHA-256 is ``sha256`` (None: nothing
+    recorded, as in files written before hashes were)."""
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(
+            f"{path}: its contents changed after it was written (its SHA-256 differs from the "
+            "one recorded beside it)"
+        )
 
 
 def sha256_file(path: Path) -> tuple[str, int]:

@@ -16,7 +16,7 @@ from typing import Any
 from imram.config import load_config
 from imram.data import PrecompDataset
 from imram.data.precomp import read_folder_meta
-from imram.errors import DataError
+from imram.errors import DataError, Interrupted
 from imram.files import atomic_write_text
 from imram.metrics import METRIC_KEYS, chance_metrics, format_table
 from imram.training.curves import best_by, read_curve, seconds_to_reach, time_to_accuracy_section
@@ -203,7 +203,12 @@ def run_quickstart(
         tick = time.monotonic()
         if progress:
             print(f"training {label} ({preset}) into {run}")
-        train(config, data, run, resume=resume, device=device, progress=progress)
+        trained = train(config, data, run, resume=resume, device=device, progress=progress)
+        if trained.interrupted:
+            raise Interrupted(
+                f"interrupted while training {run} (checkpointed); run the same command again "
+                "to resume"
+            )
         train_seconds = time.monotonic() - tick
         checkpoint = load_checkpoint(run / "best")
         dataset = PrecompDataset(data, "test", checkpoint.vocab)

@@ -339,6 +339,7 @@ def test_every_bad_request_is_a_json_4xx_and_the_server_keeps_serving(
         (lambda: client.get(text), 400, "missing query parameter 'q'"),
         (lambda: client.get(f"{rerank_url}/images/6"), 404, "no image 6"),
         (lambda: client.get(f"{rerank_url}/images/99999999999"), 404, "no image"),
+        (lambda: client.get(f"{rerank_url}/images/{'9' * 40}"), 404, "no image 99999999999"),
         (lambda: client.get(f"{rerank_url}/images/-1"), 400, "non-negative"),
         (lambda: client.get(f"{rerank_url}/images/1.0"), 400, "non-negative"),
         (lambda: client.get(f"{rerank_url}/images/0x1"), 400, "non-negative"),

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from imram.data import PrecompDataset
 from imram.errors import DataError
+from imram.files import sealed, sha256_file
 from imram.training.manifest import data_files, describe, verify
 
 SMALL = [
@@ -127,7 +128,9 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(toy_data, tmp_path, u
 
 
 def _poison(run, key, rows=None):
-    """Write NaN into ``key`` of the run's last checkpoint (all of it, or some rows)."""
+    """Write NaN into ``key`` of the run's last checkpoint (all of it, or some rows), as a
+    diverged run would have saved it: the file hashes in checkpoint.json are updated, since a
+    checkpoint changed behind imram's back is refused (test_integrity)."""
     path = run / "last" / "model.safetensors"
     weights = load_file(path)
     if rows is None:
@@ -135,6 +138,10 @@ def _poison(run, key, rows=None):
     else:
         weights[key][rows] = float("nan")
     save_file(weights, path, metadata={"format": "imram-checkpoint/1"})
+    meta_path = run / "last" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files_sha256"][path.name] = sha256_file(path)[0]
+    meta_path.write_text(json.dumps(sealed(meta)))
 
 
 def test_a_non_finite_step_is_skipped_counted_and_logged(toy_data, tmp_path):

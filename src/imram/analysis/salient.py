@@ -25,7 +25,7 @@ from tqdm import tqdm
 from imram.analysis.plots import DISTINCT_LINES, line_chart
 from imram.analysis.pos import CLASSES, word_classes
 from imram.analysis.report import AnalysisReport
-from imram.analysis.traces import TextTrace, check_regions, load_text_checkpoint, text_traces
+from imram.analysis.traces import TextTrace, load_text_checkpoint, text_traces
 from imram.data import PrecompDataset
 from imram.data.text import tokenize
 from imram.devices import default_device
@@ -135,7 +135,7 @@ def salient_analysis(
     device = device or str(default_device())
     loaded = load_text_checkpoint(checkpoint, device)
     dataset = PrecompDataset(data, split, loaded.vocab)
-    check_regions(loaded, dataset.feature_dim, dataset.features_path)
+    dataset.require_feature_dim(loaded.config.model.img_dim, f"the checkpoint {loaded.path}")
     chosen = _sample(dataset.num_captions, max_pairs, seed)
     by_image: dict[int, list[int]] = {}
     for j in chosen.tolist():

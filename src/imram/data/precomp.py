@@ -172,12 +172,25 @@ def _caption_images(
     return cap2img
 
 
+# Region features beyond this magnitude are refused: the encoder's projection and L2 norm
+# would overflow float32 to inf and the image would score 0 against every caption. Real
+# detector and CNN features stay below about 1e4.
+FEATURE_LIMIT = 1e15
+
+
 def _check_finite(values: np.ndarray, first: int, path: Path, indices: Any = None) -> None:
-    """Raise naming the first image of ``values`` (rows ``[n, R, D]``) with NaN or inf."""
-    finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
-    if not finite.all():
-        row = int(np.argmin(finite))
+    """Raise naming the first image of ``values`` (rows ``[n, R, D]``) with NaN, inf or a
+    value beyond ±:data:`FEATURE_LIMIT`."""
+    rows = np.abs(values).reshape(len(values), -1)
+    fine = (rows <= FEATURE_LIMIT).all(axis=1)  # False for NaN too
+    if not fine.all():
+        row = int(np.argmin(fine))
         bad = first + row if indices is None else int(indices[row])
+        if np.isfinite(rows[row]).all():
+            raise DataError(
+                f"{path}: image {bad} has a feature of magnitude {rows[row].max():.3g}, beyond "
+                f"{FEATURE_LIMIT:.0e}: the encoder would overflow float32 (rescale the features)"
+            )
         raise DataError(f"{path}: image {bad} has NaN or inf features")
 
 
@@ -248,6 +261,16 @@ class PrecompDataset(Dataset[Item]):
     @property
     def feature_dim(self) -> int:
         return int(self.features.shape[2])
+
+    def require_feature_dim(self, img_dim: int, taker: str | Path) -> None:
+        """Refuse features of another size than ``img_dim``, the region size that ``taker``
+        (a checkpoint, a config) takes: a one-line error instead of a shape error deep inside
+        a matrix product."""
+        if self.feature_dim != img_dim:
+            raise DataError(
+                f"{self.features_path}: features are {self.feature_dim}-d but {taker} takes "
+                f"{img_dim}-d regions (model.img_dim)"
+            )
 
     def __len__(self) -> int:
         return self.num_captions

@@ -49,6 +49,11 @@ def read_lines(path: str | Path, what: str = "caption") -> list[str]:
         raise DataError(f"{path}: {what}s file not found") from None
     except OSError as err:
         raise DataError(f"{path}: cannot read the {what}s file ({err.strerror or err})") from None
+    if b"\r" in raw and b"\n" not in raw:
+        raise DataError(
+            f"{path}: lines end in a bare carriage return (CR, classic Mac OS); expected one "
+            f"{what} per line ending in LF or CRLF (convert it, e.g. tr '\\r' '\\n')"
+        )
     lines = raw.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
@@ -137,7 +142,11 @@ class Vocabulary:
         """Build from caption files (in practice train and dev), one caption per line."""
         if isinstance(paths, str | Path):
             paths = [paths]
+        paths = [Path(p) for p in paths]
         captions = [c for path in paths for c in read_captions(path)]
+        if not captions:
+            names = ", ".join(str(p) for p in paths)
+            raise DataError(f"{names}: no captions to build a vocabulary from")
         return cls.build(captions, threshold)
 
     def to_json(self) -> dict[str, Any]:

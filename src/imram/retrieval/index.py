@@ -40,7 +40,7 @@ from imram.features.extract import (
     image_features,
     load_efficientnet_lite,
 )
-from imram.files import fsync_path, sha256_file, swap_in, swapped_out
+from imram.files import check_sealed, fsync_path, sealed, sha256_file, swap_in, swapped_out
 from imram.models.interface import EmbeddingModel
 
 FORMAT = "imram-index/1"
@@ -316,6 +316,7 @@ def build_index(
     loaded = load_checkpoint(resolved)
     model = _embedding_model(loaded)
     dataset = PrecompDataset(data, split, loaded.vocab)
+    dataset.require_feature_dim(loaded.config.model.img_dim, f"the checkpoint {loaded.path}")
     counts = {"images": dataset.num_images, "captions": dataset.num_captions}
     lists = {g: _lists(kind, nlist, nprobe, counts[g], g) for g in GALLERIES}
     device = resolve_device(device)
@@ -360,7 +361,7 @@ def build_index(
             **entries,
         }
         (tmp / META_NAME).write_text(
-            json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+            json.dumps(sealed(meta), indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         fsync_path(tmp / META_NAME)
         fsync_path(tmp)
@@ -588,6 +589,7 @@ def load_index(
     path = _resolve_index(Path(path))
     meta = _read_meta(path)
     indexes = {gallery: _read_faiss(path, meta, gallery) for gallery in GALLERIES}
+    check_sealed(meta, path / META_NAME)  # last: the checks above name what is wrong
     loaded = _verified_checkpoint(path, meta, checkpoint)
     return GalleryIndex(path, meta, indexes, loaded, resolve_device(device))
 

@@ -40,7 +40,7 @@ WEB_TYPES = {
     "WEBP": "image/webp",
     "BMP": "image/bmp",
 }
-_ID = re.compile(r"[0-9]{1,12}")
+_ID = re.compile(r"[0-9]+")
 _ROUND = 6  # decimals of attention weights and fragment scores in explain answers
 
 T = TypeVar("T")
@@ -197,11 +197,7 @@ class SearchService:
                 f"{self.root}: split {self.split} holds {dataset.num_images} images, the index "
                 f"{self.gallery.num_images}; rebuild the index"
             )
-        if dataset.feature_dim != loaded.config.model.img_dim:
-            raise DataError(
-                f"{loaded.path}: the re-ranker takes {loaded.config.model.img_dim}-d regions, "
-                f"the gallery's are {dataset.feature_dim}-d"
-            )
+        dataset.require_feature_dim(loaded.config.model.img_dim, f"the re-ranker {loaded.path}")
         return loaded, dataset
 
     def _call(self, task: Callable[[], T]) -> T:
@@ -255,10 +251,12 @@ class SearchService:
         """A gallery image id from its text: decimal digits only (400), in range (404)."""
         if not _ID.fullmatch(raw):
             raise RequestError(400, "an image id is a non-negative decimal integer")
-        value = int(raw)
-        if value >= self.gallery.num_images:
+        # Longer than any gallery's ids: out of range, not converted (int() of a huge string).
+        value = int(raw) if len(raw) <= 12 else None
+        if value is None or value >= self.gallery.num_images:
+            shown = raw if len(raw) <= 24 else f"{raw[:20]}…"
             raise RequestError(
-                404, f"no image {value}: ids run from 0 to {self.gallery.num_images - 1}"
+                404, f"no image {shown}: ids run from 0 to {self.gallery.num_images - 1}"
             )
         return value
 

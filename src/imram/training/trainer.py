@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from imram.checkpoint import (
     load_trainer_state,
     load_weights,
     read_meta,
+    read_tensors,
     recover_swap,
     save_checkpoint,
 )
@@ -33,11 +33,19 @@ from imram.devices import resolve_device
 from imram.distributed import any_rank, barrier, broadcast_object, sum_gradients, world
 from imram.errors import ConfigError, DataError, TrainingError
 from imram.evaluation import evaluate_model
+from imram.files import atomic_write_text, check_sealed, is_sibling_of
 from imram.models import build_model
 from imram.precision import autocast, resolve_precision
 from imram.training.batch import batch_scores, mined_batch_loss
 from imram.training.loss import triplet_loss
-from imram.training.manifest import data_files, describe, read_manifest, verify, write_manifest
+from imram.training.manifest import (
+    MANIFEST,
+    data_files,
+    describe,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 
 
 @dataclass
@@ -90,6 +98,40 @@ def init_word_embeddings(model: torch.nn.Module, config: Config, vocab: Vocabula
     return found
 
 
+# What a run directory may hold: the files and folders train() writes, and the hidden siblings
+# that atomic writes build beside them (files.atomic_output, files.sibling_dir, files.swap_in).
+RUN_FILES = ("config.yaml", "vocab.json", "metrics.jsonl", MANIFEST, "last", "best")
+
+
+def _is_run_file(name: str) -> bool:
+    if name in RUN_FILES:
+        return True
+    return name.startswith(".") and any(
+        is_sibling_of(name, own) or (name.startswith(f".{own}.") and name.endswith(".tmp"))
+        for own in RUN_FILES
+    )
+
+
+def check_run_dir(run: Path, resume: bool) -> None:
+    """Refuse an ``--out`` that is not a folder imram may write: a file, a finished run
+    without ``--resume``, or a folder holding anything but an imram run's files (a user's own
+    ``config.yaml``, say), so that nothing of the user's is overwritten or appended to."""
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"{run}: --out names a file, not a folder; choose another --out")
+    if resume or not run.is_dir():
+        return
+    if (run / "last" / "checkpoint.json").is_file():
+        raise ConfigError(f"{run} already holds a run; pass --resume or choose another --out")
+    names = sorted(child.name for child in run.iterdir())
+    # Without imram's manifest (the first file a run writes) nothing here is known to be ours.
+    foreign = [n for n in names if not _is_run_file(n) or MANIFEST not in names]
+    if foreign:
+        raise ConfigError(
+            f"{run} holds files that are not an imram run: {', '.join(foreign)}; "
+            "choose another --out"
+        )
+
+
 class _Log:
     """Appends JSON lines to ``metrics.jsonl`` (nothing on ranks other than 0: ``path`` None)."""
 
@@ -101,6 +143,21 @@ class _Log:
             return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(event) + "\n")
+
+    def rewind(self, iteration: int) -> None:
+        """Drop the events after ``iteration`` (and a line cut short): a resume replays the
+        steps since the checkpoint, which would otherwise be logged twice."""
+        if self.path is None or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("iteration", 0) <= iteration:
+                kept.append(line + "\n")
+        atomic_write_text(self.path, "".join(kept))
 
 
 class _StopSignals:
@@ -152,18 +209,24 @@ def train(
     if resume:
         if lead:
             recover_swap(last_dir)
+            recover_swap(best_dir)
         barrier()
         if not (last_dir / "checkpoint.json").is_file():
             raise DataError(f"{run}: nothing to resume (no last/checkpoint.json)")
         meta = read_meta(last_dir)
         saved = Config.from_dict(meta["config"], str(last_dir / "checkpoint.json"))
-        if replace(config.model, vocab_size=saved.model.vocab_size) != saved.model:
+        given = replace(config.model, vocab_size=saved.model.vocab_size).to_dict()
+        changed = [
+            f"model.{k}: {given[k]!r} (checkpoint {v!r})"
+            for k, v in saved.model.to_dict().items()
+            if given.get(k) != v
+        ]
+        if changed:
             raise ConfigError(
-                f"{run}: the model config differs from the checkpoint's; resume "
-                "with the run's config.yaml (only train.* may change)"
+                f"{run}: the model config differs from the checkpoint's ({'; '.join(changed)}); "
+                "resume with the run's config.yaml (only train.* may change)"
             )
-    elif (last_dir / "checkpoint.json").is_file():
-        raise ConfigError(f"{run} already holds a run; pass --resume or choose another --out")
+    check_run_dir(run, resume)
     run.mkdir(parents=True, exist_ok=True)
 
     vocab = _vocabulary(config, data, run, vocab_path)
@@ -176,14 +239,12 @@ def train(
     train_set = PrecompDataset(data, config.data.train_split, vocab)
     val_set = PrecompDataset(data, config.data.val_split, vocab)
     for split in (train_set, val_set):
-        if split.feature_dim != config.model.img_dim:
-            raise DataError(
-                f"{split.features_path}: features are {split.feature_dim}-d but "
-                f"model.img_dim={config.model.img_dim}"
-            )
+        split.require_feature_dim(config.model.img_dim, "the config")
     files = data_files(train_set, val_set)
     manifest = read_manifest(run) if resume else None
     if lead:
+        if not resume:  # an earlier start that never checkpointed: its log ends with it
+            (run / "metrics.jsonl").unlink(missing_ok=True)
         if manifest is not None:
             manifest = verify(manifest, files, run, full=True)
         else:
@@ -211,12 +272,15 @@ def train(
     }
     if resume:
         weights = last_dir / "model.safetensors"
-        load_weights(model, load_file(weights, device=str(device)), str(weights))
+        load_weights(model, read_tensors(weights, meta, device), str(weights))
         load_trainer_state(last_dir, optimizer)
         state.update(meta["state"])
+        check_sealed(meta, last_dir / "checkpoint.json")
     precision = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = _Log(run / "metrics.jsonl" if lead else None)
+    if resume:
+        log.rewind(state["iteration"])
     if precision != config.precision:
         log.write(event="precision", configured=config.precision, resolved=precision)
     if found:

@@ -1,0 +1,37 @@
+"""What several subcommands share: loading a checkpoint given on the command line, and
+writing a JSON result atomically."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load_model(args: argparse.Namespace):
+    """``--checkpoint`` (a run, a checkpoint, or a release ``.pth.tar`` with ``--vocab``)."""
+    from imram.checkpoint import import_release_checkpoint, load_checkpoint
+    from imram.data import Vocabulary
+    from imram.errors import DataError
+
+    path = Path(args.checkpoint)
+    vocab = Vocabulary.load(args.vocab) if args.vocab else None
+    if path.is_file():
+        if vocab is None:
+            raise DataError(f"{path}: a release checkpoint has no vocabulary; pass --vocab")
+        return import_release_checkpoint(path, vocab)
+    checkpoint = load_checkpoint(path)
+    if vocab is not None and vocab != checkpoint.vocab:
+        raise DataError(
+            f"{args.vocab}: vocabulary does not match the checkpoint's "
+            f"({len(vocab)} vs {len(checkpoint.vocab)} words)"
+        )
+    return checkpoint
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically (nothing when no path was given)."""
+    if path:
+        from imram.files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(payload, indent=1))

@@ -1,0 +1,87 @@
+"""``imram prepare``: pictures and captions (a folder, or the Tux Paint stamps) into a precomp
+folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from imram.errors import ConfigError
+
+
+def _extractor(args: argparse.Namespace):
+    from imram.features.extract import ExtractorConfig
+
+    return ExtractorConfig(
+        backbone=args.backbone,
+        input_size=args.input_size,
+        batch_size=args.batch_size,
+        resize=args.resize,
+    )
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from imram.prepare import prepare_folder, prepare_tuxpaint
+
+    common = dict(
+        extractor=_extractor(args),
+        dev_fraction=args.dev_fraction,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        progress=not args.no_progress,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    if args.source == "tuxpaint":
+        report = prepare_tuxpaint(args.out, cache=args.cache, **common)
+    else:
+        if not args.images or not args.captions:
+            raise ConfigError("prepare folder needs --images DIR and --captions FILE")
+        report = prepare_folder(
+            args.images,
+            args.captions,
+            args.format,
+            args.out,
+            max_dev_images=args.max_dev_images,
+            max_test_images=args.max_test_images,
+            max_captions_per_image=args.max_captions_per_image,
+            **common,
+        )
+    print(report.summary())
+    return 0
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """Add ``prepare`` to the ``imram`` command."""
+    prep = commands.add_parser("prepare", help="images and captions -> a precomp folder")
+    prep.add_argument(
+        "source", choices=["folder", "tuxpaint"], help="folder: your images; tuxpaint: the stamps"
+    )
+    prep.add_argument("--out", required=True, help="precomp folder to write")
+    prep.add_argument("--images", help="folder the caption file's image names are relative to")
+    prep.add_argument("--captions", help="caption file")
+    prep.add_argument(
+        "--format",
+        choices=["flickr8k", "csv", "karpathy", "coco", "tsv"],
+        help="caption format (default: detected from the file)",
+    )
+    prep.add_argument(
+        "--backbone",
+        choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        default="efficientnet_lite0",
+    )
+    prep.add_argument(
+        "--input-size", type=int, default=224, help="pixels (224: a 7x7 grid of regions)"
+    )
+    prep.add_argument("--resize", choices=["pad", "stretch", "center_crop"], default="pad")
+    prep.add_argument("--batch-size", type=int, default=32)
+    prep.add_argument("--dev-fraction", type=float, default=0.1)
+    prep.add_argument("--test-fraction", type=float, default=0.1)
+    prep.add_argument("--max-dev-images", type=int, help="cap the hashed dev split")
+    prep.add_argument("--max-test-images", type=int, help="cap the hashed test split")
+    prep.add_argument("--max-captions-per-image", type=int, help="keep an image's first N captions")
+    prep.add_argument("--seed", default="imram", help="mixed into the split hash")
+    prep.add_argument("--cache", help="tuxpaint: cache folder (default ~/.cache/imram)")
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing precomp")
+    prep.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(func=_prepare)

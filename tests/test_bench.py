@@ -1,6 +1,10 @@
 """The benchmark harness runs end to end at a small size and its two scorers agree."""
 
+import pytest
+
 from imram.bench import bench_scoring, format_scoring
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_scoring_runs_both_scorers_and_they_agree():

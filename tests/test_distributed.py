@@ -19,6 +19,8 @@ from imram.scoring import distributed_similarity, score_gallery, shard
 from imram.scoring.blocks import image_rows, pairs_per_block
 from imram.training.trainer import train
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 SMALL = dict(vocab_size=30, word_dim=8, img_dim=10, embed_dim=16)
 
 

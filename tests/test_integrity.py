@@ -21,6 +21,8 @@ from imram.cli import main
 from imram.data import PrecompDataset
 from imram.errors import DataError
 
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SMALL = [
     "model.embed_dim=32",

@@ -16,6 +16,8 @@ from imram.prepare import prepare_tuxpaint
 from imram.quickstart import MODELS, collapsed_loss, equal_time_section, run_quickstart
 from imram.training.curves import best_by, seconds_to_reach, time_to_accuracy_section
 
+pytestmark = pytest.mark.slow
+
 SMALL = ["model.embed_dim=32", "train.epochs=1", "train.batch_size=64", "data.vocab_glove_top=500"]
 
 

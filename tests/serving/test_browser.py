@@ -22,6 +22,8 @@ from imram.prepare import prepare_folder
 from imram.retrieval import build_index
 from imram.training.trainer import train
 
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 SMALL = [

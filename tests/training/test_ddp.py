@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from imram.distributed import split_sizes
 from imram.training.trainer import epoch_order
 
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
 SMALL = [
     "model.embed_dim=32",
     "model.word_dim=16",

@@ -20,6 +20,8 @@ from imram.errors import DataError
 from imram.files import sealed, sha256_file
 from imram.training.manifest import data_files, describe, verify
 
+pytestmark = pytest.mark.slow
+
 SMALL = [
     "model.embed_dim=32",
     "model.word_dim=16",

@@ -249,6 +249,7 @@ def _ranked_worker(rank: int, init: str, out: str, name: str, shortlist=None) ->
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", ["imram_full", "scan_i2t", "vsepp"])
 def test_two_gloo_ranks_mine_like_one_process(tmp_path, name):
     """Each rank encodes its share of 7 (4 and 3), mines against the gathered images, scores
@@ -264,6 +265,7 @@ def test_two_gloo_ranks_mine_like_one_process(tmp_path, name):
         assert max(_max_error(grads, truth).values()) <= 1e-10, rank
 
 
+@pytest.mark.distributed
 def test_two_gloo_ranks_shortlist_mine_like_one_process(tmp_path):
     """The same with shortlist mining (2 candidates): every rank builds the same candidate
     set from the gathered step-1 scores and scores its own captions' candidates."""

@@ -14,6 +14,8 @@ from imram.config import load_config
 from imram.metrics import chance_metrics, evaluate_sims
 from imram.training.trainer import train
 
+pytestmark = pytest.mark.slow
+
 SMALL = [
     "model.embed_dim=64",
     "model.word_dim=32",

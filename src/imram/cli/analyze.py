@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from imram.cli.common import pick
+
 
 def _analyze(args: argparse.Namespace) -> int:
     """``analyze steps|aggregators|attention|salient``: one library call, then its summary."""
     from imram import analysis
 
-    common = dict(device=args.device)
     if args.analysis in ("steps", "aggregators"):
         sweep = analysis.run_steps if args.analysis == "steps" else analysis.run_aggregators
         choice = args.steps if args.analysis == "steps" else args.aggregators
@@ -19,10 +20,8 @@ def _analyze(args: argparse.Namespace) -> int:
             args.out,
             args.set,
             choice,
-            split=args.split,
-            protocol=args.protocol,
             progress=not args.no_progress,
-            **common,
+            **pick(args, "split", "protocol", "device"),
         )
     elif args.analysis == "attention":
         result = analysis.attention_maps(
@@ -31,9 +30,7 @@ def _analyze(args: argparse.Namespace) -> int:
             args.out,
             args.image,
             args.caption,
-            split=args.split,
-            max_words=args.max_words,
-            **common,
+            **pick(args, "split", "max_words", "device"),
         )
     else:
         result = analysis.salient_analysis(
@@ -41,10 +38,8 @@ def _analyze(args: argparse.Namespace) -> int:
             args.data,
             args.split,
             args.out,
-            max_pairs=args.max_pairs,
-            seed=args.seed,
             progress=not args.no_progress,
-            **common,
+            **pick(args, "max_pairs", "seed", "device"),
         )
     print(result.summary())
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 
 def load_model(args: argparse.Namespace):
@@ -27,6 +28,12 @@ def load_model(args: argparse.Namespace):
             f"({len(vocab)} vs {len(checkpoint.vocab)} words)"
         )
     return checkpoint
+
+
+def pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The arguments ``names`` as keywords of the same names, for a library call that takes
+    them as they are."""
+    return {name: getattr(args, name) for name in names}
 
 
 def write_json(path: str | None, payload: dict) -> None:

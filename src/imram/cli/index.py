@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from imram.cli.common import pick
+
 
 def _index_build(args: argparse.Namespace) -> int:
     from imram.retrieval import build_index
@@ -13,13 +15,8 @@ def _index_build(args: argparse.Namespace) -> int:
         args.data,
         args.split,
         args.out,
-        kind=args.kind,
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-        batch_size=args.batch_size,
-        device=args.device,
         progress=not args.no_progress,
-        overwrite=args.overwrite,
+        **pick(args, "kind", "nlist", "nprobe", "batch_size", "device", "overwrite"),
     )
     print(info.summary())
     return 0

@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from imram.cli.common import pick
 from imram.errors import ConfigError
 
 
 def _extractor(args: argparse.Namespace):
     from imram.features.extract import ExtractorConfig
 
-    return ExtractorConfig(
-        backbone=args.backbone,
-        input_size=args.input_size,
-        batch_size=args.batch_size,
-        resize=args.resize,
-    )
+    return ExtractorConfig(**pick(args, "backbone", "input_size", "batch_size", "resize"))
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -24,12 +20,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     common = dict(
         extractor=_extractor(args),
-        dev_fraction=args.dev_fraction,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
         progress=not args.no_progress,
-        device=args.device,
-        overwrite=args.overwrite,
+        **pick(args, "dev_fraction", "test_fraction", "seed", "device", "overwrite"),
     )
     if args.source == "tuxpaint":
         report = prepare_tuxpaint(args.out, cache=args.cache, **common)
@@ -41,9 +33,7 @@ def _prepare(args: argparse.Namespace) -> int:
             args.captions,
             args.format,
             args.out,
-            max_dev_images=args.max_dev_images,
-            max_test_images=args.max_test_images,
-            max_captions_per_image=args.max_captions_per_image,
+            **pick(args, "max_dev_images", "max_test_images", "max_captions_per_image"),
             **common,
         )
     print(report.summary())

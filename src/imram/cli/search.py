@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from imram.cli.common import pick
+
 
 def _search(args: argparse.Namespace) -> int:
     from imram.retrieval import search_index
     from imram.retrieval.two_stage import two_stage_search
 
-    query = dict(
-        text=args.text,
-        image=args.image,
-        k=args.k,
-        checkpoint=args.checkpoint,
-        nprobe=args.nprobe,
-        device=args.device,
-    )
+    query = pick(args, "text", "image", "k", "checkpoint", "nprobe", "device")
     if args.rerank:
         hits = two_stage_search(args.index, args.rerank, shortlist=args.shortlist, **query)
     else:

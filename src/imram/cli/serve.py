@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from imram.cli.common import pick
+
 
 def _serve(args: argparse.Namespace) -> int:
     from imram.serving import serve
@@ -13,14 +15,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(
         args.index,
-        checkpoint=args.checkpoint,
-        rerank=args.rerank,
-        shortlist=args.shortlist,
-        host=args.host,
-        port=args.port,
-        device=args.device,
         announce=announce,
-        log_level=args.log_level,
+        **pick(args, "checkpoint", "rerank", "shortlist", "host", "port", "device", "log_level"),
     )
     return 0
 

@@ -11,7 +11,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,260 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
+@dataclass
+class TrainState:
+    """Where a run stands, saved in every checkpoint so that a resume continues exactly:
+    the position (``epoch``, ``batch`` within it, ``iteration`` overall), the best validation
+    rsum so far, the wall time spent in training steps (not validation, summed over
+    resumes) and the number of skipped non-finite steps."""
+
+    epoch: int = 0
+    batch: int = 0
+    iteration: int = 0
+    best_rsum: float = -math.inf
+    train_seconds: float = 0.0
+    nonfinite_steps: int = 0
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainState:
+        """The state a checkpoint saved (extra keys such as best/'s metrics are ignored)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
+def _check_resumable(run: Path, config: Config, lead: bool) -> dict[str, Any]:
+    """The meta of ``run/last`` (a crashed swap put back first), refusing a missing checkpoint
+    or a model config that differs from the checkpoint's, field by field."""
+    last_dir = run / "last"
+    if lead:
+        recover_swap(last_dir)
+        recover_swap(run / "best")
+    barrier()
+    if not (last_dir / "checkpoint.json").is_file():
+        raise DataError(f"{run}: nothing to resume (no last/checkpoint.json)")
+    meta = read_meta(last_dir)
+    saved = Config.from_dict(meta["config"], str(last_dir / "checkpoint.json"))
+    given = replace(config.model, vocab_size=saved.model.vocab_size).to_dict()
+    changed = [
+        f"model.{k}: {given[k]!r} (checkpoint {v!r})"
+        for k, v in saved.model.to_dict().items()
+        if given.get(k) != v
+    ]
+    if changed:
+        raise ConfigError(
+            f"{run}: the model config differs from the checkpoint's ({'; '.join(changed)}); "
+            "resume with the run's config.yaml (only train.* may change)"
+        )
+    return meta
+
+
+@dataclass
+class _Session:
+    """A run while it trains: what it trains, on what, where it writes, and its state. Only
+    rank 0 (``lead``) writes."""
+
+    run: Path
+    config: Config
+    vocab: Vocabulary
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    precision: str
+    device: torch.device
+    train_set: PrecompDataset
+    val_set: PrecompDataset
+    files: list[Path]
+    manifest: dict[str, Any]
+    log: _Log
+    state: TrainState
+    lead: bool
+    world_size: int
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def checkpoint(self, epoch: int, batch: int) -> None:
+        """Save ``last/`` at the position a resume starts from."""
+        self.state.epoch, self.state.batch = epoch, batch
+        if self.lead:
+            save_checkpoint(
+                self.run / "last",
+                self.model,
+                self.config,
+                self.vocab,
+                asdict(self.state),
+                self.optimizer,
+            )
+
+    def validate(self, epoch: int) -> None:
+        """Score the dev split, log it, and save ``best/`` when its rsum is the best so far."""
+        metrics, _, _ = evaluate_model(
+            self.model,
+            self.val_set,
+            "1k",
+            self.config.data.val_captions,
+            budget_mb=self.config.train.score_budget_mb,
+            device=self.device,
+        )
+        self.last_metrics = metrics
+        self.log.write(
+            event="val",
+            epoch=epoch,
+            iteration=self.state.iteration,
+            train_seconds=self.state.train_seconds,
+            **metrics,
+        )
+        if metrics["rsum"] > self.state.best_rsum:
+            self.state.best_rsum = metrics["rsum"]
+            if self.lead:
+                state = {**asdict(self.state), "metrics": metrics}
+                save_checkpoint(self.run / "best", self.model, self.config, self.vocab, state)
+
+    def step(self, batch: PrecompBatch, hardest: bool) -> float | None:
+        """One optimisation step; the loss, or None when the loss or the gradient norm is not
+        finite (the step is skipped). Every rank takes the same decision: the loss comes from
+        the gathered matrix and the norm from the summed gradients."""
+        tc, device = self.config.train, self.device
+        budget, recompute = tc.score_budget_mb, tc.activation_checkpointing
+        with autocast(self.precision, device):
+            negatives = 1 if hardest else tc.warmup_negatives
+            if tc.mining != "off" and negatives > 0:
+                shortlist = tc.mining_shortlist if tc.mining == "shortlist" else None
+                loss = mined_batch_loss(
+                    self.model, batch, device, budget, recompute, tc.margin, shortlist, negatives
+                )
+            else:
+                sims = batch_scores(self.model, batch, device, budget, recompute)
+                loss = triplet_loss(sims.float(), tc.margin, hardest)
+        if not torch.isfinite(loss):
+            return None
+        trainable = self.trainable
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss / self.world_size).backward()
+        if self.world_size > 1:
+            sum_gradients(trainable)
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+        if not (torch.isfinite(norm) or self.scaler.is_enabled()):  # fp16: the scaler skips
+            return None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item()
+
+    def skipped(self, epoch: int, in_a_row: int) -> None:
+        """Count and log a skipped non-finite step; stop the run after too many in a row."""
+        self.state.nonfinite_steps += 1
+        self.log.write(
+            event="nonfinite",
+            epoch=epoch,
+            iteration=self.state.iteration,
+            in_a_row=in_a_row,
+            total=self.state.nonfinite_steps,
+        )
+        limit = self.config.train.max_nonfinite_steps
+        if in_a_row >= limit:
+            raise TrainingError(
+                f"{self.run}: {in_a_row} training steps in a row had a non-finite "
+                f"loss or gradient (epoch {epoch + 1}, iteration "
+                f"{self.state.iteration}); each was skipped, and the run stops at "
+                f"train.max_nonfinite_steps={limit}. {self.run / 'last'}"
+                " holds the last good checkpoint; lower train.lr, check the data, "
+                "or train in fp32"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
+        """The epoch's batches of caption indices (:func:`epoch_order`), with the epoch's
+        learning rate set on the optimizer."""
+        tc = self.config.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = tc.lr * tc.lr_decay ** (epoch // tc.lr_decay_epochs)
+        order = epoch_order(len(self.train_set), tc.seed, epoch)
+        return [order[s : s + tc.batch_size] for s in range(0, len(order), tc.batch_size)]
+
+    def run_epochs(self, progress: bool) -> TrainResult:
+        """The training loop, from the state's position to the last epoch or a stop (the
+        time budget, SIGTERM/SIGINT): steps, logs, validation and checkpoints."""
+        tc, state = self.config.train, self.state
+        start_time = time.monotonic()
+        stopped = interrupted = False
+        bad_in_a_row = 0
+        with _StopSignals() as signals:
+            for epoch in range(state.epoch, tc.epochs):
+                verify(self.manifest, self.files, self.run, full=False)
+                batches = self.epoch_batches(epoch)
+                lr = self.optimizer.param_groups[0]["lr"]
+                hardest = tc.hardest_negative and epoch >= tc.warmup_epochs
+                bar = tqdm(
+                    range(state.batch, len(batches)),
+                    desc=f"epoch {epoch + 1}/{tc.epochs}",
+                    disable=not (progress and self.lead),
+                    leave=False,
+                )
+                self.model.train()
+                for b in bar:
+                    tick = time.perf_counter()
+                    batch = collate([self.train_set[int(j)] for j in batches[b]])
+                    loss = self.step(batch, hardest)
+                    state.iteration += 1
+                    seconds = time.perf_counter() - tick
+                    state.train_seconds += seconds
+                    rate = len(batches[b]) / seconds
+                    if loss is None:
+                        bad_in_a_row += 1
+                        self.skipped(epoch, bad_in_a_row)
+                    else:
+                        bad_in_a_row = 0
+                        bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.0f}")
+                        if state.iteration % tc.log_every == 0:
+                            self.log.write(
+                                event="train",
+                                epoch=epoch,
+                                iteration=state.iteration,
+                                loss=loss,
+                                lr=lr,
+                                hardest=hardest,
+                                samples_per_s=rate,
+                                train_seconds=state.train_seconds,
+                            )
+                    if tc.val_every and state.iteration % tc.val_every == 0:
+                        self.validate(epoch)
+                        self.checkpoint(epoch, b + 1)
+                    elif tc.checkpoint_every and state.iteration % tc.checkpoint_every == 0:
+                        self.checkpoint(epoch, b + 1)
+                    out_of_time = bool(tc.max_minutes) and (
+                        time.monotonic() - start_time > 60 * tc.max_minutes
+                    )
+                    if any_rank(out_of_time or signals.requested is not None, self.device):
+                        self.checkpoint(epoch, b + 1)
+                        interrupted = not out_of_time
+                        if interrupted:
+                            self.log.write(
+                                event="interrupted",
+                                signal=signals.requested or "another rank's",
+                                epoch=epoch,
+                                iteration=state.iteration,
+                            )
+                        stopped = True
+                        break
+                bar.close()
+                if stopped:
+                    break
+                state.batch = 0
+                self.validate(epoch)
+                self.checkpoint(epoch + 1, 0)
+        return TrainResult(
+            self.run,
+            state.best_rsum,
+            state.epoch,
+            state.iteration,
+            stopped,
+            self.last_metrics,
+            interrupted,
+            state.nonfinite_steps,
+        )
+
+
 def train(
     config: Config,
     data_dir: str | Path,
@@ -201,36 +455,30 @@ def train(
     those of one process on the same global batches, whatever the number of processes.
     SIGTERM or SIGINT finishes the step, checkpoints and returns (``interrupted``).
     """
+    session = _open(config, Path(data_dir), Path(run_dir), vocab_path, resume, device)
+    return session.run_epochs(progress)
+
+
+def _open(
+    config: Config,
+    data: Path,
+    run: Path,
+    vocab_path: str | Path | None,
+    resume: bool,
+    device: str | torch.device | None,
+) -> _Session:
+    """Everything a run needs before its first step: the run folder checked (and, on resume,
+    the checkpoint), the vocabulary, the data and its manifest, the model, the optimizer and
+    the state, restored from ``last/`` on resume."""
     rank, world_size = world()
     lead = rank == 0
-    data, run = Path(data_dir), Path(run_dir)
     device = resolve_device(device)
-    last_dir, best_dir = run / "last", run / "best"
-    if resume:
-        if lead:
-            recover_swap(last_dir)
-            recover_swap(best_dir)
-        barrier()
-        if not (last_dir / "checkpoint.json").is_file():
-            raise DataError(f"{run}: nothing to resume (no last/checkpoint.json)")
-        meta = read_meta(last_dir)
-        saved = Config.from_dict(meta["config"], str(last_dir / "checkpoint.json"))
-        given = replace(config.model, vocab_size=saved.model.vocab_size).to_dict()
-        changed = [
-            f"model.{k}: {given[k]!r} (checkpoint {v!r})"
-            for k, v in saved.model.to_dict().items()
-            if given.get(k) != v
-        ]
-        if changed:
-            raise ConfigError(
-                f"{run}: the model config differs from the checkpoint's ({'; '.join(changed)}); "
-                "resume with the run's config.yaml (only train.* may change)"
-            )
+    meta = _check_resumable(run, config, lead) if resume else None
     check_run_dir(run, resume)
     run.mkdir(parents=True, exist_ok=True)
 
     vocab = _vocabulary(config, data, run, vocab_path)
-    if resume and vocab.fingerprint() != meta["vocab_fingerprint"]:
+    if meta is not None and vocab.fingerprint() != meta["vocab_fingerprint"]:
         raise DataError(
             f"{vocab_path or run / 'vocab.json'}: vocabulary differs from the checkpoint's"
         )
@@ -261,26 +509,19 @@ def train(
         model.text_encoder.embed.weight.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.train.lr)
-    # train_seconds: wall time spent in training steps (not validation), summed over resumes.
-    state = {
-        "epoch": 0,
-        "batch": 0,
-        "iteration": 0,
-        "best_rsum": -math.inf,
-        "train_seconds": 0.0,
-        "nonfinite_steps": 0,
-    }
-    if resume:
+    state = TrainState()
+    if meta is not None:
+        last_dir = run / "last"
         weights = last_dir / "model.safetensors"
         load_weights(model, read_tensors(weights, meta, device), str(weights))
         load_trainer_state(last_dir, optimizer)
-        state.update(meta["state"])
+        state = TrainState.from_dict(meta["state"])
         check_sealed(meta, last_dir / "checkpoint.json")
     precision = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = _Log(run / "metrics.jsonl" if lead else None)
     if resume:
-        log.rewind(state["iteration"])
+        log.rewind(state.iteration)
     if precision != config.precision:
         log.write(event="precision", configured=config.precision, resolved=precision)
     if found:
@@ -291,160 +532,21 @@ def train(
         log.write(
             event="distributed", world_size=world_size, backend=torch.distributed.get_backend()
         )
-    tc = config.train
-    start_time = time.monotonic()
-    last_metrics: dict[str, Any] = {}
-
-    def checkpoint(epoch: int, batch: int) -> None:
-        state.update(epoch=epoch, batch=batch)  # the position a resume starts from
-        if lead:
-            save_checkpoint(last_dir, model, config, vocab, dict(state), optimizer)
-
-    def validate(epoch: int) -> None:
-        nonlocal last_metrics
-        metrics, _, _ = evaluate_model(
-            model,
-            val_set,
-            "1k",
-            config.data.val_captions,
-            budget_mb=tc.score_budget_mb,
-            device=device,
-        )
-        last_metrics = metrics
-        log.write(
-            event="val",
-            epoch=epoch,
-            iteration=state["iteration"],
-            train_seconds=state["train_seconds"],
-            **metrics,
-        )
-        if metrics["rsum"] > state["best_rsum"]:
-            state["best_rsum"] = metrics["rsum"]
-            if lead:
-                save_checkpoint(best_dir, model, config, vocab, {**state, "metrics": metrics})
-
-    def step(batch: PrecompBatch, hardest: bool) -> float | None:
-        """One optimisation step; the loss, or None when the loss or the gradient norm is not
-        finite (the step is skipped). Every rank takes the same decision: the loss comes from
-        the gathered matrix and the norm from the summed gradients."""
-        budget, recompute = tc.score_budget_mb, tc.activation_checkpointing
-        with autocast(precision, device):
-            negatives = 1 if hardest else tc.warmup_negatives
-            if tc.mining != "off" and negatives > 0:
-                shortlist = tc.mining_shortlist if tc.mining == "shortlist" else None
-                loss = mined_batch_loss(
-                    model, batch, device, budget, recompute, tc.margin, shortlist, negatives
-                )
-            else:
-                sims = batch_scores(model, batch, device, budget, recompute)
-                loss = triplet_loss(sims.float(), tc.margin, hardest)
-        if not torch.isfinite(loss):
-            return None
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss / world_size).backward()
-        if world_size > 1:
-            sum_gradients(trainable)
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-        if not (torch.isfinite(norm) or scaler.is_enabled()):  # fp16: the scaler skips instead
-            return None
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.item()
-
-    stopped = interrupted = False
-    bad_in_a_row = 0
-    n = len(train_set)
-    with _StopSignals() as signals:
-        for epoch in range(state["epoch"], tc.epochs):
-            verify(manifest, files, run, full=False)
-            lr = tc.lr * tc.lr_decay ** (epoch // tc.lr_decay_epochs)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            hardest = tc.hardest_negative and epoch >= tc.warmup_epochs
-            order = epoch_order(n, tc.seed, epoch)
-            batches = [order[s : s + tc.batch_size] for s in range(0, n, tc.batch_size)]
-            bar = tqdm(
-                range(state["batch"], len(batches)),
-                desc=f"epoch {epoch + 1}/{tc.epochs}",
-                disable=not (progress and lead),
-                leave=False,
-            )
-            model.train()
-            for b in bar:
-                tick = time.perf_counter()
-                batch = collate([train_set[int(j)] for j in batches[b]])
-                loss = step(batch, hardest)
-                state["iteration"] += 1
-                seconds = time.perf_counter() - tick
-                state["train_seconds"] += seconds
-                rate = len(batches[b]) / seconds
-                if loss is None:
-                    bad_in_a_row += 1
-                    state["nonfinite_steps"] += 1
-                    log.write(
-                        event="nonfinite",
-                        epoch=epoch,
-                        iteration=state["iteration"],
-                        in_a_row=bad_in_a_row,
-                        total=state["nonfinite_steps"],
-                    )
-                    if bad_in_a_row >= tc.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"{run}: {bad_in_a_row} training steps in a row had a non-finite "
-                            f"loss or gradient (epoch {epoch + 1}, iteration "
-                            f"{state['iteration']}); each was skipped, and the run stops at "
-                            f"train.max_nonfinite_steps={tc.max_nonfinite_steps}. {run / 'last'}"
-                            " holds the last good checkpoint; lower train.lr, check the data, "
-                            "or train in fp32"
-                        )
-                else:
-                    bad_in_a_row = 0
-                    bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{rate:.0f}")
-                    if state["iteration"] % tc.log_every == 0:
-                        log.write(
-                            event="train",
-                            epoch=epoch,
-                            iteration=state["iteration"],
-                            loss=loss,
-                            lr=lr,
-                            hardest=hardest,
-                            samples_per_s=rate,
-                            train_seconds=state["train_seconds"],
-                        )
-                if tc.val_every and state["iteration"] % tc.val_every == 0:
-                    validate(epoch)
-                    checkpoint(epoch, b + 1)
-                elif tc.checkpoint_every and state["iteration"] % tc.checkpoint_every == 0:
-                    checkpoint(epoch, b + 1)
-                out_of_time = bool(tc.max_minutes) and (
-                    time.monotonic() - start_time > 60 * tc.max_minutes
-                )
-                if any_rank(out_of_time or signals.requested is not None, device):
-                    checkpoint(epoch, b + 1)
-                    interrupted = not out_of_time
-                    if interrupted:
-                        log.write(
-                            event="interrupted",
-                            signal=signals.requested or "another rank's",
-                            epoch=epoch,
-                            iteration=state["iteration"],
-                        )
-                    stopped = True
-                    break
-            bar.close()
-            if stopped:
-                break
-            state["batch"] = 0
-            validate(epoch)
-            checkpoint(epoch + 1, 0)
-    return TrainResult(
+    return _Session(
         run,
-        state["best_rsum"],
-        state["epoch"],
-        state["iteration"],
-        stopped,
-        last_metrics,
-        interrupted,
-        state["nonfinite_steps"],
+        config,
+        vocab,
+        model,
+        optimizer,
+        scaler,
+        precision,
+        device,
+        train_set,
+        val_set,
+        files,
+        manifest,
+        log,
+        state,
+        lead,
+        world_size,
     )

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from imram.evaluation import encode_in_batches, evaluate_model
+from imram.metrics import format_duration
 from imram.models import EmbeddingModel, build_model
 from imram.models.encoders import EPS
 from imram.models.memory import MemoryDistillation
@@ -268,17 +269,9 @@ def format_scoring(results: list[ScoringResult], n_images: int, n_captions: int)
         lines.append(
             f"{r.name:<12}{r.steps:>2}{r.engine_pairs_s:>12,.0f}{r.baseline_pairs_s:>14,.0f}"
             f"{r.ratio:>7.1f}x{r.engine_peak_mb:>11.0f}{r.baseline_peak_mb:>9.0f}"
-            f"{r.max_abs_diff:>11.1e}{_duration(f30k):>11}{_duration(coco):>10}"
+            f"{r.max_abs_diff:>11.1e}{format_duration(f30k):>11}{format_duration(coco):>10}"
         )
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _topk_peak(args: tuple) -> tuple[float, float, float]:
@@ -403,7 +396,8 @@ def bench_two_stage_synthetic(
             total = product_seconds + select_seconds + rerank
             lines.append(
                 f"{k:>9}{select_seconds:>13.1f}{pairs:>14,}{rate:>13,.0f}"
-                f"{rate / engine_rate:>9.2f}x{_duration(rerank):>10}{_duration(total):>10}"
+                f"{rate / engine_rate:>9.2f}x{format_duration(rerank):>10}"
+                f"{format_duration(total):>10}"
             )
         full = n_images * n_captions
         lines.append(

@@ -240,6 +240,15 @@ def chance_metrics(n_images: int, n_captions: int, cap2img: Any = None) -> dict[
     return {key: out[key] for key in METRIC_KEYS}
 
 
+def format_duration(seconds: float) -> str:
+    """``42 s`` under two minutes, ``3.5 min`` under two hours, else ``2.1 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def format_table(metrics: dict[str, Any], title: str | None = None) -> str:
     """A compact text table in the papers' layout, one decimal throughout.
 

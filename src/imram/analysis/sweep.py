@@ -30,7 +30,7 @@ from imram.devices import default_device
 from imram.errors import ConfigError, ImramError
 from imram.evaluation import evaluate_model
 from imram.files import atomic_write_text
-from imram.metrics import METRIC_KEYS, chance_metrics
+from imram.metrics import METRIC_KEYS, chance_metrics, format_duration
 from imram.models import IMRAM, SCAN, build_model
 from imram.training import TrainResult, train
 
@@ -179,11 +179,6 @@ def _run_variant(
     )
 
 
-def duration(seconds: float) -> str:
-    """``42 s`` under two minutes, else ``3.5 min``."""
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
 def _row(label: str, metrics: dict[str, float], extra: Sequence[str]) -> str:
     cells = [f"{metrics[k]:.1f}" for k in TABLE_KEYS]
     return "| " + " | ".join([label, *cells, *extra]) + " |"
@@ -199,7 +194,7 @@ def markdown_table(rows: Sequence[VariantResult], chance: dict[str, float] | Non
     for r in rows:
         dev = f"{r.dev_rsum:.1f}" if r.dev_rsum is not None else "-"
         epochs = f"{r.epochs_done}/{r.epochs}" + (" (stopped)" if r.stopped_early else "")
-        lines.append(_row(r.label, r.metrics, [dev, epochs, duration(r.train_seconds)]))
+        lines.append(_row(r.label, r.metrics, [dev, epochs, format_duration(r.train_seconds)]))
     if chance is not None:
         lines.append(_row("chance", chance, ["-", "-", "-"]))
     return "\n".join(lines)
@@ -306,7 +301,7 @@ def run_sweep(
         f"- {r.label}: `{_train_command(config, data, r.run, [*overrides, *r.overrides])}` — "
         f"{r.status}, {r.epochs_done}/{r.epochs} epochs"
         + (", stopped at the time budget" if r.stopped_early else "")
-        + f", {duration(r.train_seconds)} of training in all; evaluated `{r.checkpoint}/`"
+        + f", {format_duration(r.train_seconds)} of training in all; evaluated `{r.checkpoint}/`"
         for r in rows
     ]
     text = "\n".join(

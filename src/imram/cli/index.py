@@ -24,6 +24,8 @@ def _index_build(args: argparse.Namespace) -> int:
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``index`` to the ``imram`` command."""
+    from imram.retrieval.index import KINDS
+
     index = commands.add_parser("index", help="FAISS indexes of a split for fast search")
     index_commands = index.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = index_commands.add_parser(
@@ -34,7 +36,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--split", required=True, help="split to index, e.g. test")
     build.add_argument("--out", required=True, help="index directory to write")
     build.add_argument(
-        "--kind", choices=["flat", "ivf"], default="flat", help="flat: exact; ivf: approximate"
+        "--kind", choices=KINDS, default="flat", help="flat: exact; ivf: approximate"
     )
     build.add_argument("--nlist", type=int, help="ivf: lists per gallery (default ~4*sqrt(n))")
     build.add_argument("--nprobe", type=int, help="ivf: lists searched (default nlist/8)")

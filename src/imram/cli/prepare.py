@@ -42,6 +42,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``prepare`` to the ``imram`` command."""
+    from imram.data.formats import FORMATS
+    from imram.features.efficientnet_lite import VARIANTS
+    from imram.features.extract import RESIZE_MODES
+
     prep = commands.add_parser("prepare", help="images and captions -> a precomp folder")
     prep.add_argument(
         "source", choices=["folder", "tuxpaint"], help="folder: your images; tuxpaint: the stamps"
@@ -51,18 +55,18 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     prep.add_argument("--captions", help="caption file")
     prep.add_argument(
         "--format",
-        choices=["flickr8k", "csv", "karpathy", "coco", "tsv"],
+        choices=FORMATS,
         help="caption format (default: detected from the file)",
     )
     prep.add_argument(
         "--backbone",
-        choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        choices=sorted(VARIANTS),
         default="efficientnet_lite0",
     )
     prep.add_argument(
         "--input-size", type=int, default=224, help="pixels (224: a 7x7 grid of regions)"
     )
-    prep.add_argument("--resize", choices=["pad", "stretch", "center_crop"], default="pad")
+    prep.add_argument("--resize", choices=RESIZE_MODES, default="pad")
     prep.add_argument("--batch-size", type=int, default=32)
     prep.add_argument("--dev-fraction", type=float, default=0.1)
     prep.add_argument("--test-fraction", type=float, default=0.1)

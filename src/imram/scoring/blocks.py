@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 from torch import Tensor
 from tqdm import tqdm
 
+from imram.distributed import split_sizes
 from imram.models.interface import CrossAttentionModel, EmbeddingModel, RetrievalModel
 
 # On CPU, one-step models score fastest in blocks of 64-128 MB (their score tensors stay in
@@ -317,10 +318,11 @@ def score_pairs(
 
 def shard(n_items: int, rank: int, world_size: int, step: int = 1) -> slice:
     """The contiguous range of ``n_items`` that ``rank`` of ``world_size`` scores: whole
-    groups of ``step`` items, the last group possibly short."""
-    groups = -(-n_items // step)
-    per_rank = -(-groups // world_size) * step
-    return slice(min(rank * per_rank, n_items), min((rank + 1) * per_rank, n_items))
+    groups of ``step`` items (the last group possibly short), shared out by the one rank
+    partition rule, :func:`~imram.distributed.split_sizes` (the first ranks one group more)."""
+    sizes = split_sizes(-(-n_items // step), world_size)
+    start = sum(sizes[:rank]) * step
+    return slice(min(start, n_items), min(start + sizes[rank] * step, n_items))
 
 
 @torch.no_grad()

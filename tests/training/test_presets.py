@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from importlib.resources import files
 
-from imram.config import list_presets, load_config
+import pytest
+import yaml
+
+from imram.config import Config, list_presets, load_config
+from imram.models import model_config
 
 CPU = ("cpu_full_imram", "cpu_scan_t2i", "cpu_vsepp", "cpu_member")
 
@@ -29,3 +33,21 @@ def test_cpu_presets_share_encoders_data_and_validation_size():
     full = configs[0].train
     assert (full.mining, full.mining_shortlist, full.warmup_negatives) == ("shortlist", 4, 4)
     assert [c.train.mining for c in configs[2:]] == ["off", "off"]  # a dot product scores all
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_presets_state_only_what_differs(preset):
+    """A preset names its model and then only the keys where it departs from the defaults
+    (the model's registry entry, then the config dataclasses), so a default changes in one
+    place."""
+    text = (files("imram.presets") / f"{preset}.yaml").read_text(encoding="utf-8")
+    raw = yaml.safe_load(text)
+    defaults = Config()
+    model_defaults = model_config(raw["model"]["name"]).to_dict()
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            assert getattr(defaults, section) != values, section
+            continue
+        base = model_defaults if section == "model" else vars(getattr(defaults, section))
+        repeated = [k for k, v in values.items() if k != "name" and base[k] == v]
+        assert not repeated, f"{preset}: {section}.{repeated} restate the defaults"

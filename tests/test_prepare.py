@@ -13,7 +13,7 @@ from imram.data import PrecompDataset
 from imram.data.formats import CaptionRecord, DroppedImage
 from imram.errors import ConfigError, DataError
 from imram.features.extract import ExtractorConfig, extract_features, extractor_meta
-from imram.prepare import (
+from imram.workflows.prepare import (
     FORMAT_VERSION,
     ImageEntry,
     PrepareReport,
@@ -315,7 +315,7 @@ def test_given_splits_kept_and_caps():
 
 
 def test_report_summary_lists_at_most_ten(tmp_path):
-    from imram.prepare import SkippedImage
+    from imram.workflows.prepare import SkippedImage
 
     report = PrepareReport(tmp_path, {"train": SplitCounts(1, 5), "test": SplitCounts(1, 1)})
     report.skipped = [SkippedImage(f"i{k}", "train", f"/x/i{k}", "bad", 1) for k in range(12)]

@@ -12,9 +12,9 @@ from PIL import Image
 from imram.cli import main
 from imram.data import PrecompDataset
 from imram.features.extract import ExtractorConfig
-from imram.prepare import prepare_tuxpaint
-from imram.quickstart import MODELS, collapsed_loss, equal_time_section, run_quickstart
 from imram.training.curves import best_by, seconds_to_reach, time_to_accuracy_section
+from imram.workflows.prepare import prepare_tuxpaint
+from imram.workflows.quickstart import MODELS, collapsed_loss, equal_time_section, run_quickstart
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from imram.data import PrecompDataset, Vocabulary, pad_captions, read_captions
 from imram.data.text import tokenize
 from imram.features.extract import ExtractorConfig, image_features
 from imram.models import build_model
-from imram.prepare import prepare_folder
+from imram.workflows.prepare import prepare_folder
 
 
 def _png_size(path):

@@ -20,7 +20,6 @@ from imram.data import PrecompDataset, Vocabulary, pad_captions
 from imram.errors import ConfigError, DataError
 from imram.features.extract import ExtractorConfig
 from imram.models import build_model
-from imram.prepare import prepare_folder
 from imram.retrieval import (
     FORMAT,
     GalleryIndex,
@@ -31,6 +30,7 @@ from imram.retrieval import (
     load_index,
 )
 from imram.training.trainer import train
+from imram.workflows.prepare import prepare_folder
 
 SMALL = [
     "model.embed_dim=32",

@@ -28,12 +28,12 @@ from imram.cli import main
 from imram.config import load_config
 from imram.data import PrecompDataset, pad_captions
 from imram.features.extract import ExtractorConfig
-from imram.prepare import prepare_folder
 from imram.retrieval import build_index, load_index
 from imram.retrieval.two_stage import rerank_hits
 from imram.serving import Limits, create_app
 from imram.serving.app import STATIC, bind, url_of
 from imram.training.trainer import train
+from imram.workflows.prepare import prepare_folder
 
 SMALL = [
     "model.embed_dim=32",

@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 
 from imram.config import load_config
 from imram.features.extract import ExtractorConfig
-from imram.prepare import prepare_folder
 from imram.retrieval import build_index
 from imram.training.trainer import train
+from imram.workflows.prepare import prepare_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -7,8 +7,8 @@ import argparse
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from imram.demo import run_demo
     from imram.metrics import format_table
+    from imram.workflows.demo import run_demo
 
     result = run_demo(args.model, n_images=args.images, seed=args.seed)
     print(

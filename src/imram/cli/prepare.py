@@ -16,7 +16,7 @@ def _extractor(args: argparse.Namespace):
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from imram.prepare import prepare_folder, prepare_tuxpaint
+    from imram.workflows.prepare import prepare_folder, prepare_tuxpaint
 
     common = dict(
         extractor=_extractor(args),

@@ -7,7 +7,7 @@ import argparse
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from imram.quickstart import run_quickstart
+    from imram.workflows.quickstart import run_quickstart
 
     result = run_quickstart(
         args.out, overrides=args.set, device=args.device, progress=not args.no_progress

@@ -179,8 +179,8 @@ def run_quickstart(
     from imram.data.precomp import FORMAT_VERSION
     from imram.devices import default_device
     from imram.evaluation import evaluate_model
-    from imram.prepare import prepare_tuxpaint
     from imram.training import train
+    from imram.workflows.prepare import prepare_tuxpaint
 
     start = time.monotonic()
     out = Path(out)

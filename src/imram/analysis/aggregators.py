@@ -14,10 +14,11 @@ from pathlib import Path
 
 from imram.analysis.plots import bar_chart
 from imram.analysis.sweep import (
+    Sweep,
+    SweepOptions,
     SweepResult,
     Variant,
     VariantResult,
-    analyze_command,
     plotted_series,
     require_imram,
     run_sweep,
@@ -77,24 +78,9 @@ def run_aggregators(
 ) -> SweepResult:
     """Train ``config`` with every aggregator into ``out/aggregator_A``, evaluate each on
     ``split`` and write ``out/report.md``, ``out/report.json`` and ``out/aggregators.png``."""
-    variants = aggregator_variants(aggregators)
     extra = ["--aggregators", *aggregators]
-    return run_sweep(
-        "aggregators",
-        "memory aggregators (paper Table 5)",
-        config,
-        data,
-        out,
-        variants,
-        _plot,
-        overrides,
-        command=analyze_command(
-            "aggregators", config, data, out, overrides, split, protocol, extra
-        ),
-        check=_check,
-        notes=[PAPER_NOTE],
-        split=split,
-        protocol=protocol,
-        device=device,
-        progress=progress,
-    )
+    title = "memory aggregators (paper Table 5)"
+    variants = aggregator_variants(aggregators)
+    sweep = Sweep("aggregators", title, variants, _plot, extra, check=_check, notes=[PAPER_NOTE])
+    options = SweepOptions(split, protocol, device, progress)
+    return run_sweep(sweep, config, data, out, overrides, options)

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from imram.analysis.plots import line_chart
 from imram.analysis.sweep import (
+    Sweep,
+    SweepOptions,
     SweepResult,
     Variant,
     VariantResult,
-    analyze_command,
     plotted_series,
     require_imram,
     run_sweep,
@@ -70,22 +71,9 @@ def run_steps(
 ) -> SweepResult:
     """Train ``config`` for every K of ``steps`` into ``out/steps_K``, evaluate each on ``split``
     and write ``out/report.md``, ``out/report.json`` and ``out/steps.png``."""
-    variants = steps_variants(steps)
     extra = ["--steps", *(str(k) for k in sorted(steps))]
-    return run_sweep(
-        "steps",
-        "matching steps K (paper Table 4)",
-        config,
-        data,
-        out,
-        variants,
-        _plot,
-        overrides,
-        command=analyze_command("steps", config, data, out, overrides, split, protocol, extra),
-        check=_check,
-        notes=[PAPER_NOTE],
-        split=split,
-        protocol=protocol,
-        device=device,
-        progress=progress,
-    )
+    title = "matching steps K (paper Table 4)"
+    variants = steps_variants(steps)
+    sweep = Sweep("steps", title, variants, _plot, extra, check=_check, notes=[PAPER_NOTE])
+    options = SweepOptions(split, protocol, device, progress)
+    return run_sweep(sweep, config, data, out, overrides, options)

@@ -205,21 +205,48 @@ def plotted_series(rows: Sequence[VariantResult]) -> dict[str, list[float]]:
     return {name: [r.metrics[key] for r in rows] for name, key in PLOTTED.items()}
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """What one analysis sweeps: its ``name`` (the ``imram analyze`` subcommand, the plot's
+    file name), the report's ``title``, the ``variants``, how to ``plot`` their rows, the
+    command-line options that choose the variants (``extra``), a ``check`` of each variant's
+    config before any training, and ``notes`` for the report."""
+
+    name: str
+    title: str
+    variants: Sequence[Variant]
+    plot: Callable[[Path, list[VariantResult]], Path]
+    extra: Sequence[str] = ()
+    check: Callable[[Config, str], None] | None = None
+    notes: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How every variant is evaluated and run: test ``split`` and ``protocol``, ``device``,
+    progress bars."""
+
+    split: str = "test"
+    protocol: str = "1k"
+    device: str | None = None
+    progress: bool = True
+
+
 def analyze_command(
-    name: str,
+    sweep: Sweep,
     config: str,
     data: str | Path,
     out: str | Path,
     overrides: Sequence[str],
-    split: str,
-    protocol: str,
-    extra: Sequence[str] = (),
+    options: SweepOptions,
 ) -> str:
     """The ``imram analyze`` command line equivalent to a call, for the report."""
-    argv = ["imram", "analyze", name, "--config", config, "--data", str(data), "--out", str(out)]
+    argv = ["imram", "analyze", sweep.name, "--config", config, "--data", str(data)]
+    argv += ["--out", str(out)]
     for item in overrides:
         argv += ["--set", item]
-    return shlex.join([*argv, *extra, "--split", split, "--protocol", protocol])
+    tail = ["--split", options.split, "--protocol", options.protocol]
+    return shlex.join([*argv, *sweep.extra, *tail])
 
 
 def _train_command(config: str, data: Path, run: Path, overrides: Sequence[str]) -> str:
@@ -229,60 +256,57 @@ def _train_command(config: str, data: Path, run: Path, overrides: Sequence[str])
     return shlex.join(argv)
 
 
+def _checked_configs(sweep: Sweep, config: str, overrides: Sequence[str]) -> list[Config]:
+    """Every variant's config, built and checked before the first training starts, so that a
+    bad combination fails in seconds, not after the first runs."""
+    if not sweep.variants:
+        raise ConfigError(f"analyze {sweep.name}: nothing to run (no variants given)")
+    configs = []
+    for variant in sweep.variants:
+        source = f"{config} with --set {' '.join([*overrides, *variant.overrides])}"
+        resolved = load_config(config, [*overrides, *variant.overrides])
+        if sweep.check is not None:
+            sweep.check(resolved, source)
+        configs.append(resolved)
+    return configs
+
+
 def run_sweep(
-    name: str,
-    title: str,
+    sweep: Sweep,
     config: str,
     data: str | Path,
     out: str | Path,
-    variants: Sequence[Variant],
-    plot: Callable[[Path, list[VariantResult]], Path],
     overrides: Sequence[str] = (),
-    *,
-    command: str,
-    check: Callable[[Config, str], None] | None = None,
-    notes: Sequence[str] = (),
-    split: str = "test",
-    protocol: str = "1k",
-    device: str | None = None,
-    progress: bool = True,
+    options: SweepOptions = SweepOptions(),
 ) -> SweepResult:
     """Train and evaluate every variant of ``config`` (+ ``overrides``) into ``out``, then write
-    ``out/report.md`` (table, plot, what was run), ``out/report.json`` and the plot.
-
-    Every variant's config is built and ``check``-ed before the first training starts, so a bad
-    combination fails in seconds, not after the first runs.
-    """
+    ``out/report.md`` (table, plot, what was run), ``out/report.json`` and the plot."""
     data, out = Path(data), Path(out)
-    if not variants:
-        raise ConfigError(f"analyze {name}: nothing to run (no variants given)")
-    configs = []
-    for variant in variants:
-        source = f"{config} with --set {' '.join([*overrides, *variant.overrides])}"
-        resolved = load_config(config, [*overrides, *variant.overrides])
-        if check is not None:
-            check(resolved, source)
-        configs.append(resolved)
+    configs = _checked_configs(sweep, config, overrides)
+    split, protocol = options.split, options.protocol
     test = PrecompDataset(data, split, None)
-    device = device or str(default_device())
+    device = options.device or str(default_device())
     rows = []
     bar = tqdm(
-        list(zip(variants, configs, strict=True)),
-        desc=f"analyze {name}",
+        list(zip(sweep.variants, configs, strict=True)),
+        desc=f"analyze {sweep.name}",
         unit="run",
-        disable=not progress,
+        disable=not options.progress,
     )
     for variant, resolved in bar:
         bar.set_postfix_str(variant.label)
-        rows.append(_run_variant(variant, resolved, data, out, split, protocol, device, progress))
+        rows.append(
+            _run_variant(variant, resolved, data, out, split, protocol, device, options.progress)
+        )
     bar.close()
     chance = None
     if protocol != "5fold":
         chance = chance_metrics(test.num_images, test.num_captions, test.cap2img)
     table = markdown_table(rows, chance)
-    figure = plot(out / f"{name}.png", rows)
+    figure = sweep.plot(out / f"{sweep.name}.png", rows)
+    command = analyze_command(sweep, config, data, out, overrides, options)
     payload = {
-        "analysis": name,
+        "analysis": sweep.name,
         "command": command,
         "config": config,
         "overrides": list(overrides),
@@ -297,6 +321,27 @@ def run_sweep(
     }
     report_json = out / "report.json"
     atomic_write_text(report_json, json.dumps(payload, indent=1))
+    report_md = out / "report.md"
+    text = _report_text(sweep, command, config, data, overrides, options, test, table, rows)
+    atomic_write_text(report_md, text.replace("{figure}", figure.name) + "\n")
+    return SweepResult(
+        rows=rows, table=table, plot=figure, report_md=report_md, report_json=report_json
+    )
+
+
+def _report_text(
+    sweep: Sweep,
+    command: str,
+    config: str,
+    data: Path,
+    overrides: Sequence[str],
+    options: SweepOptions,
+    test: PrecompDataset,
+    table: str,
+    rows: list[VariantResult],
+) -> str:
+    """``report.md``: what was evaluated where, the table, the plot (``{figure}``), what was
+    run for each variant, and the sweep's notes."""
     ran = [
         f"- {r.label}: `{_train_command(config, data, r.run, [*overrides, *r.overrides])}` — "
         f"{r.status}, {r.epochs_done}/{r.epochs} epochs"
@@ -304,21 +349,22 @@ def run_sweep(
         + f", {format_duration(r.train_seconds)} of training in all; evaluated `{r.checkpoint}/`"
         for r in rows
     ]
-    text = "\n".join(
+    return "\n".join(
         [
-            f"# imram analyze {name}: {title}",
+            f"# imram analyze {sweep.name}: {sweep.title}",
             "",
             f"`{command}`",
             "",
             f"Config `{config}`"
             + (f" with `{' '.join('--set ' + o for o in overrides)}`" if overrides else "")
-            + f"; data `{data}`, evaluated on split `{split}` ({test.num_images} images, "
-            f"{test.num_captions} captions), protocol {protocol}. R@K in %, rsum = sum of the "
-            "six recalls; dev rsum = the best validation rsum, whose checkpoint is evaluated.",
+            + f"; data `{data}`, evaluated on split `{options.split}` ({test.num_images} images, "
+            f"{test.num_captions} captions), protocol {options.protocol}. R@K in %, rsum = sum "
+            "of the six recalls; dev rsum = the best validation rsum, whose checkpoint is "
+            "evaluated.",
             "",
             table,
             "",
-            f"![{title}]({figure.name})",
+            f"![{sweep.title}]({{figure}})",
             "",
             "## What was run",
             "",
@@ -326,11 +372,6 @@ def run_sweep(
             "",
             "A re-run of the same command reuses finished runs, resumes interrupted ones and "
             "evaluates a checkpoint only once.",
-            *(["", "## Notes", "", *notes] if notes else []),
+            *(["", "## Notes", "", *sweep.notes] if sweep.notes else []),
         ]
-    )
-    report_md = out / "report.md"
-    atomic_write_text(report_md, text + "\n")
-    return SweepResult(
-        rows=rows, table=table, plot=figure, report_md=report_md, report_json=report_json
     )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +39,15 @@ from imram.features.extract import (
     image_features,
     load_efficientnet_lite,
 )
-from imram.files import check_sealed, fsync_path, sealed, sha256_file, swap_in, swapped_out
+from imram.files import (
+    check_sealed,
+    fsync_path,
+    sealed,
+    sha256_file,
+    sibling_dir,
+    swap_in,
+    swapped_out,
+)
 from imram.models.interface import EmbeddingModel
 
 FORMAT = "imram-index/1"
@@ -302,14 +309,7 @@ def build_index(
     is replaced only with ``overwrite``; any other existing path is refused.
     """
     start = time.monotonic()
-    if kind not in KINDS:
-        raise ConfigError(f"index kind {kind!r} is unknown; valid: {', '.join(KINDS)}")
-    if kind == "flat" and (nlist is not None or nprobe is not None):
-        raise ConfigError("nlist and nprobe apply to kind 'ivf' only")
-    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
-        if value is not None:
-            _check_count(name, value)
-    _check_count("batch_size", batch_size)
+    _check_index_options(kind, nlist, nprobe, batch_size)
     out, data = Path(out), Path(data)
     _check_out(out, overwrite)
     resolved, weights = checkpoint_weights(checkpoint)
@@ -325,8 +325,7 @@ def build_index(
         "images": _embed_images(model, dataset, batch_size, device),
         "captions": _embed_captions(model, dataset, batch_size, device),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    tmp = sibling_dir(out)
     try:
         entries: dict[str, dict[str, Any]] = {}
         for gallery in GALLERIES:
@@ -336,30 +335,7 @@ def build_index(
             )
             entries[gallery]["nprobe"] = probes_here
             dim = entries[gallery].pop("dim")
-        entries["images"]["names"] = (
-            list(dataset.ids)
-            if dataset.ids is not None
-            else [str(i) for i in range(counts["images"])]
-        )
-        entries["captions"]["texts"] = list(dataset.captions)
-        entries["captions"]["cap2img"] = [int(i) for i in dataset.cap2img]
-        meta = {
-            "format": FORMAT,
-            "model": loaded.config.model.name,
-            "dim": dim,
-            "kind": kind,
-            "checkpoint": {
-                "path": str(resolved),
-                "weights_sha256": weights,
-                "vocab_fingerprint": loaded.vocab.fingerprint() if loaded.vocab else None,
-            },
-            "data": {
-                "root": str(data.resolve()),
-                "split": split,
-                "extractor": _data_extractor(data),
-            },
-            **entries,
-        }
+        meta = _index_meta(loaded, resolved, weights, dataset, data, split, kind, dim, entries)
         (tmp / META_NAME).write_text(
             json.dumps(sealed(meta), indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
         )
@@ -382,6 +358,51 @@ def build_index(
         {g: lists[g][1] for g in GALLERIES} if ivf else None,
         time.monotonic() - start,
     )
+
+
+def _check_index_options(kind: str, nlist: int | None, nprobe: int | None, batch_size: int) -> None:
+    """Refuse an unknown kind, IVF settings on a flat index, and counts below one."""
+    if kind not in KINDS:
+        raise ConfigError(f"index kind {kind!r} is unknown; valid: {', '.join(KINDS)}")
+    if kind == "flat" and (nlist is not None or nprobe is not None):
+        raise ConfigError("nlist and nprobe apply to kind 'ivf' only")
+    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+        if value is not None:
+            _check_count(name, value)
+    _check_count("batch_size", batch_size)
+
+
+def _index_meta(
+    loaded: Checkpoint,
+    resolved: Path,
+    weights: dict[str, str],
+    dataset: PrecompDataset,
+    data: Path,
+    split: str,
+    kind: str,
+    dim: int,
+    entries: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """``index.json``'s payload: the checkpoint and data it was built from, and each gallery's
+    file entry with the names, texts and caption-to-image map that results show."""
+    count = dataset.num_images
+    names = list(dataset.ids) if dataset.ids is not None else [str(i) for i in range(count)]
+    entries["images"]["names"] = names
+    entries["captions"]["texts"] = list(dataset.captions)
+    entries["captions"]["cap2img"] = [int(i) for i in dataset.cap2img]
+    return {
+        "format": FORMAT,
+        "model": loaded.config.model.name,
+        "dim": dim,
+        "kind": kind,
+        "checkpoint": {
+            "path": str(resolved),
+            "weights_sha256": weights,
+            "vocab_fingerprint": loaded.vocab.fingerprint() if loaded.vocab else None,
+        },
+        "data": {"root": str(data.resolve()), "split": split, "extractor": _data_extractor(data)},
+        **entries,
+    }
 
 
 def _get(section: Any, key: str, kinds: type | tuple[type, ...], source: Path, prefix: str) -> Any:

@@ -164,6 +164,82 @@ def _row(label: str, metrics: dict[str, Any], extra: str = "") -> str:
     return f"| {label} | {cells} | {extra} |"
 
 
+def _prepared_data(data: Path, progress: bool) -> float:
+    """Prepare the stamps into ``data`` unless a folder of this imram's format is there;
+    the seconds it took."""
+    from imram.data.precomp import FORMAT_VERSION
+    from imram.workflows.prepare import prepare_tuxpaint
+
+    tick = time.monotonic()
+    if _folder_version(data) != FORMAT_VERSION:  # missing, or made by an older imram
+        report = prepare_tuxpaint(data, progress=progress, overwrite=True)
+        print(report.summary())
+    return time.monotonic() - tick
+
+
+def _train_and_test(
+    label: str,
+    preset: str,
+    data: Path,
+    run: Path,
+    overrides: list[str] | None,
+    device: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train ``preset`` into ``run`` (resuming an interrupted run, keeping a finished one),
+    evaluate its best checkpoint on the test split, and return the report's row for it."""
+    from imram.checkpoint import load_checkpoint
+    from imram.evaluation import evaluate_model
+    from imram.training import train
+
+    config = load_config(preset, overrides)
+    resume = (run / "last" / "checkpoint.json").is_file()
+    tick = time.monotonic()
+    if progress:
+        print(f"training {label} ({preset}) into {run}")
+    trained = train(config, data, run, resume=resume, device=device, progress=progress)
+    if trained.interrupted:
+        raise Interrupted(
+            f"interrupted while training {run} (checkpointed); run the same command again to resume"
+        )
+    train_seconds = time.monotonic() - tick
+    checkpoint = load_checkpoint(run / "best")
+    dataset = PrecompDataset(data, "test", checkpoint.vocab)
+    metrics, _, _ = evaluate_model(checkpoint.model.to(device), dataset, "1k", device=device)
+    curve = read_curve(run)
+    if curve and curve[-1]["train_seconds"] is not None:  # summed over resumes, no validation
+        train_seconds = curve[-1]["train_seconds"]
+    train_set = PrecompDataset(data, config.data.train_split, None)
+    return {
+        "model": label,
+        "preset": preset,
+        "run": str(run),
+        "train_seconds": train_seconds,
+        "train_samples": train_set.num_captions * len(curve),
+        "batch_size": config.train.batch_size,
+        "margin": config.train.margin,
+        "warmup_negatives": config.train.warmup_negatives,
+        "best_epoch": max(curve, key=lambda c: c["val_rsum"] or 0.0)["epoch"],
+        "metrics": {k: metrics[k] for k in METRIC_KEYS},
+        "curve": curve,
+    }
+
+
+def _curve_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per model: each epoch's mean loss, its ratio to the collapsed loss, dev rsum."""
+    lines = []
+    for r in rows:
+        cells = ", ".join(
+            f"{c['epoch']}{'' if c['hardest'] else 'w'}: {c['loss']:.2f} "
+            f"({c['loss'] / collapsed_loss(r['batch_size'], r['margin'], _charged(r, c)):.2f}) "
+            f"/ {c['val_rsum']:.0f}"
+            for c in r["curve"]
+            if c["loss"] is not None and c["val_rsum"] is not None
+        )
+        lines.append(f"- {r['model']}: {cells}")
+    return lines
+
+
 def run_quickstart(
     out: str | Path = "runs/quickstart",
     models: tuple[tuple[str, str], ...] = MODELS,
@@ -175,63 +251,20 @@ def run_quickstart(
     ``out/<preset>`` (a finished run is kept, an interrupted one resumed), evaluate the best
     checkpoints on the test split and write ``out/report.md`` and ``out/report.json``.
     ``overrides`` are ``--set`` items applied to every preset."""
-    from imram.checkpoint import load_checkpoint
-    from imram.data.precomp import FORMAT_VERSION
     from imram.devices import default_device
-    from imram.evaluation import evaluate_model
-    from imram.training import train
-    from imram.workflows.prepare import prepare_tuxpaint
 
     start = time.monotonic()
     out = Path(out)
     data = out / "tuxpaint_precomp"
-    tick = time.monotonic()
-    if _folder_version(data) != FORMAT_VERSION:  # missing, or made by an older imram
-        report = prepare_tuxpaint(data, progress=progress, overwrite=True)
-        print(report.summary())
-    prepare_seconds = time.monotonic() - tick
+    prepare_seconds = _prepared_data(data, progress)
     device = device or str(default_device())
-
     test = PrecompDataset(data, "test", None)
     train_data = caption_statistics(PrecompDataset(data, "train", None))
     chance = chance_metrics(test.num_images, test.num_captions, test.cap2img)
-    rows: list[dict[str, Any]] = []
-    for label, preset in models:
-        config = load_config(preset, overrides)
-        run = out / preset
-        resume = (run / "last" / "checkpoint.json").is_file()
-        tick = time.monotonic()
-        if progress:
-            print(f"training {label} ({preset}) into {run}")
-        trained = train(config, data, run, resume=resume, device=device, progress=progress)
-        if trained.interrupted:
-            raise Interrupted(
-                f"interrupted while training {run} (checkpointed); run the same command again "
-                "to resume"
-            )
-        train_seconds = time.monotonic() - tick
-        checkpoint = load_checkpoint(run / "best")
-        dataset = PrecompDataset(data, "test", checkpoint.vocab)
-        metrics, _, _ = evaluate_model(checkpoint.model.to(device), dataset, "1k", device=device)
-        curve = read_curve(run)
-        if curve and curve[-1]["train_seconds"] is not None:  # summed over resumes, no validation
-            train_seconds = curve[-1]["train_seconds"]
-        train_set = PrecompDataset(data, config.data.train_split, None)
-        rows.append(
-            {
-                "model": label,
-                "preset": preset,
-                "run": str(run),
-                "train_seconds": train_seconds,
-                "train_samples": train_set.num_captions * len(curve),
-                "batch_size": config.train.batch_size,
-                "margin": config.train.margin,
-                "warmup_negatives": config.train.warmup_negatives,
-                "best_epoch": max(curve, key=lambda c: c["val_rsum"] or 0.0)["epoch"],
-                "metrics": {k: metrics[k] for k in METRIC_KEYS},
-                "curve": curve,
-            }
-        )
+    rows = [
+        _train_and_test(label, preset, data, out / preset, overrides, device, progress)
+        for label, preset in models
+    ]
     seconds = time.monotonic() - start
 
     header = (
@@ -256,16 +289,6 @@ def run_quickstart(
     }
     report_json = out / "report.json"
     atomic_write_text(report_json, json.dumps(payload, indent=1))
-    curves = []
-    for r in rows:
-        cells = ", ".join(
-            f"{c['epoch']}{'' if c['hardest'] else 'w'}: {c['loss']:.2f} "
-            f"({c['loss'] / collapsed_loss(r['batch_size'], r['margin'], _charged(r, c)):.2f}) "
-            f"/ {c['val_rsum']:.0f}"
-            for c in r["curve"]
-            if c["loss"] is not None and c["val_rsum"] is not None
-        )
-        curves.append(f"- {r['model']}: {cells}")
     text = "\n".join(
         [
             "# imram quickstart: Tux Paint stamps",
@@ -280,7 +303,7 @@ def run_quickstart(
             "of them or train.warmup_negatives: mean loss (its ratio to the collapsed loss, "
             "all scores equal: 2·batch·margin with the hardest negative, 2·batch·m·margin in "
             "warm-up) / dev rsum):",
-            *curves,
+            *_curve_lines(rows),
             "",
             *equal_time_section(rows, "Full-IMRAM", "VSE++", train_data),
             "",

@@ -96,6 +96,8 @@ def test_only_training_imports_the_trainer_and_inference_never_reaches_it():
         "imram.checkpoint",
         "imram.scoring",
         "imram.retrieval.index",
+        "imram.retrieval.index_file",
+        "imram.retrieval.build",
         "imram.retrieval.two_stage",
         "imram.serving.app",
         "imram.serving.engine",

@@ -24,7 +24,7 @@ def _index_build(args: argparse.Namespace) -> int:
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``index`` to the ``imram`` command."""
-    from imram.retrieval.index import KINDS
+    from imram.retrieval.index_file import KINDS
 
     index = commands.add_parser("index", help="FAISS indexes of a split for fast search")
     index_commands = index.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -256,7 +256,8 @@ def test_resume_removes_checkpoints_a_killed_writer_left(toy_data, run, tmp_path
 # 10b. After kill -9 and --resume, every iteration is logged once.
 def test_resume_after_kill_logs_each_iteration_once(toy_data, tmp_path):
     out = tmp_path / "run"
-    args = _train_args(toy_data, out, "f30k_full_imram", ["train.checkpoint_every=3"])
+    # Checkpoints at iterations 7 and 14: a kill soon after iteration 8 lands between them.
+    args = _train_args(toy_data, out, "f30k_full_imram", ["train.checkpoint_every=7"])
     process = subprocess.Popen(
         [sys.executable, "-m", "imram", *args],
         env=ENV,

@@ -474,8 +474,10 @@ def _open(
     lead = rank == 0
     device = resolve_device(device)
     meta = _check_resumable(run, config, lead) if resume else None
-    check_run_dir(run, resume)
-    run.mkdir(parents=True, exist_ok=True)
+    if lead:  # before any rank writes: the others would see rank 0's first files
+        check_run_dir(run, resume)
+        run.mkdir(parents=True, exist_ok=True)
+    barrier()
 
     vocab = _vocabulary(config, data, run, vocab_path)
     if meta is not None and vocab.fingerprint() != meta["vocab_fingerprint"]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from imram.allocator import tune_allocator
 from imram.cli import (
     analyze,
     bench,
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``imram`` and ``python -m imram``; user errors print one line, exit 2."""
     args = build_parser().parse_args(argv)
+    tune_allocator()  # every command that runs a network reuses freed buffers (imram.allocator)
     try:
         return args.func(args)
     except Interrupted as err:

@@ -145,3 +145,16 @@ def test_bench_time_to_accuracy_trains_each_preset_and_keeps_finished_runs(
     assert [len(read_curve(tmp_path / p)) for p in ("cpu_full_imram", "cpu_vsepp")] == [2, 2]
     assert main(argv) == 0  # finished runs are kept: the same curves, the same table
     assert capsys.readouterr().out == printed
+
+
+def test_bench_extract_times_every_variant_on_generated_pictures(tmp_path):
+    from imram.bench.extract import VARIANTS, bench_extract, format_extract, generated_pictures
+
+    pictures = generated_pictures(tmp_path, 4)
+    assert len({p.read_bytes() for p in pictures}) == 4  # distinct real PNG files
+    results = bench_extract(sizes=(224,), pictures=pictures, batch=2, threads=1)
+    assert [r.label for r in results] == [label for label, _, _ in VARIANTS]
+    assert all(r.pictures_s > 0 and r.user_s > 0 and r.system_s >= 0 for r in results)
+    table = format_extract(results, 4)
+    assert "224 px extract_features: tuned / defaults = " in table
+    assert "224 px plain loop: tuned / defaults = " in table

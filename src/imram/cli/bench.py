@@ -75,6 +75,12 @@ def _bench(args: argparse.Namespace) -> int:
                 print(f"(no {checkpoint} with {data}: run imram quickstart for the rsum check)")
         return 0
 
+    if args.what == "extract":
+        from imram.bench.extract import bench_extract, format_extract
+
+        timings = bench_extract(args.pictures, tuple(args.sizes), threads=args.threads)
+        print(format_extract(timings, args.pictures))
+        return 0
     if args.what == "two-stage":
         if not (args.first and args.second and args.data):
             raise ConfigError("bench two-stage needs --first CKPT --second CKPT --data DIR")
@@ -109,9 +115,9 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="measure the engine against a baseline")
     bench.add_argument(
         "what",
-        choices=["scoring", "memory", "two-stage", "training"],
+        choices=["scoring", "memory", "two-stage", "training", "extract"],
         help="scoring: pairs/s; memory: top-k streaming; two-stage: shortlist + re-rank; "
-        "training: steps/s",
+        "training: steps/s; extract: feature extraction pictures/s",
     )
     bench.add_argument(
         "--models", nargs="+", help="default: all three IMRAM variants (memory: imram_full)"
@@ -199,6 +205,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--set", action="append", default=[], help="time to accuracy: key=value for every preset"
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.add_argument(
+        "--pictures", type=int, default=300, help="extract: generated pictures (default 300)"
+    )
+    bench.add_argument(
+        "--sizes", type=int, nargs="+", default=[224, 320], help="extract: input sizes in px"
+    )
     bench.add_argument("--first", help="two-stage: the shortlisting (embedding) checkpoint")
     bench.add_argument("--second", help="two-stage: the re-ranking (IMRAM) checkpoint")
     bench.add_argument("--data", help="two-stage, training: precomp folder")

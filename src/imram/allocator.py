@@ -47,7 +47,10 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return _tuned
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = ((M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD))
-    settings += ((M_MMAP_THRESHOLD, MMAP_THRESHOLD),)
+    settings = (
+        (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (M_TOP_PAD, TOP_PAD),
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+    )
     _tuned = all(mallopt(option, value) == 1 for option, value in settings)
     return _tuned

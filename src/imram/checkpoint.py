@@ -33,6 +33,8 @@ from imram.models import build_model
 
 logger = logging.getLogger(__name__)
 FORMAT = "imram-checkpoint/1"
+WEIGHTS_NAME = "model.safetensors"
+TRAINER_NAME = "trainer.safetensors"  # optimizer and RNG state
 
 
 @dataclass
@@ -94,7 +96,7 @@ def save_checkpoint(
     tmp = files.sibling_dir(path)
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, tmp / "model.safetensors", metadata={"format": FORMAT})
+        save_file(weights, tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         meta = {
             "format": FORMAT,
             "config": config.to_dict(),
@@ -105,7 +107,7 @@ def save_checkpoint(
         if optimizer is not None:
             tensors, layout = _optimizer_tensors(optimizer)
             tensors["rng.torch"] = torch.get_rng_state()
-            save_file(tensors, tmp / "trainer.safetensors", metadata={"format": FORMAT})
+            save_file(tensors, tmp / TRAINER_NAME, metadata={"format": FORMAT})
             meta["optimizer"] = layout
         meta["files_sha256"] = {
             f.name: files.sha256_file(f)[0] for f in sorted(tmp.glob("*.safetensors"))
@@ -131,19 +133,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if old is not None:  # a crash between the two renames of a swap
         return old
     best, last = path / "best", path / "last"
-    if best.is_dir() or files.recover_swap(best, "checkpoint.json") is not None:
-        if (best / "checkpoint.json").is_file():
-            return best
-        old = files.recover_swap(best, "checkpoint.json")
-        if old is not None:
-            return old
+    if (best / "checkpoint.json").is_file():
+        return best
+    old = files.recover_swap(best, "checkpoint.json")
+    if old is not None:
+        return old
+    if best.is_dir():
         raise DataError(
             f"{best / 'checkpoint.json'}: missing, so the run's best checkpoint is damaged; "
             f"pass {last} to use the last checkpoint instead"
         )
     if (last / "checkpoint.json").is_file():
         logger.warning("%s: no best/ checkpoint (no validation has run yet); using last/", path)
-        return resolve_checkpoint(last)
+        return last
     raise DataError(f"{path}: no checkpoint here (looked for checkpoint.json, best/, last/)")
 
 
@@ -167,7 +169,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     config = Config.from_dict(meta["config"], str(path / "checkpoint.json"))
     vocab = Vocabulary.from_json(meta["vocab"], str(path / "checkpoint.json"))
     model = build_model(config.model)
-    weights = path / "model.safetensors"
+    weights = path / WEIGHTS_NAME
     load_weights(model, read_tensors(weights, meta, map_location), str(weights))
     files.check_sealed(meta, path / "checkpoint.json")  # last: the checks above name the fault
     return Checkpoint(model.eval(), config, vocab, path, meta.get("state", {}))
@@ -214,7 +216,7 @@ def read_tensors(
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> None:
     """Restore the optimizer and the torch RNG saved beside a checkpoint's weights."""
     meta = read_meta(path)
-    tensors = read_tensors(path / "trainer.safetensors", meta, what="trainer state")
+    tensors = read_tensors(path / TRAINER_NAME, meta, what="trainer state")
     _restore_optimizer(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
 

@@ -73,13 +73,19 @@ def fsync_path(path: Path) -> None:
 def sibling_dir(target: Path) -> Path:
     """A new empty hidden directory beside ``target`` to build its replacement in."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=_build_prefix(target.name)))
+
+
+def _build_prefix(target_name: str) -> str:
+    """The name prefix of :func:`sibling_dir`'s build directories for ``target_name``."""
+    return f".{target_name}.tmp-"
 
 
 def is_sibling_of(name: str, target_name: str) -> bool:
-    """Whether ``name`` is one of the hidden directories :func:`sibling_dir` and
-    :func:`swap_in` make beside a target called ``target_name``."""
-    return name.startswith(f".{target_name}.tmp-") or name == f".{target_name}.old"
+    """Whether ``name`` is one of the hidden files or directories that :func:`atomic_output`,
+    :func:`sibling_dir` and :func:`swap_in` make beside a target called ``target_name``."""
+    atomic = name.startswith(f".{target_name}.") and name.endswith(".tmp")
+    return atomic or name.startswith(_build_prefix(target_name)) or name == f".{target_name}.old"
 
 
 def remove_stale_siblings(target: Path) -> list[Path]:
@@ -87,7 +93,7 @@ def remove_stale_siblings(target: Path) -> list[Path]:
     call only when no other process writes ``target``. Returns what was removed."""
     removed = []
     if target.parent.is_dir():
-        for child in target.parent.glob(f".{target.name}.tmp-*"):
+        for child in target.parent.glob(f"{_build_prefix(target.name)}*"):
             if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)

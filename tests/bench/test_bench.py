@@ -153,7 +153,13 @@ def test_bench_extract_times_every_variant_on_generated_pictures(tmp_path):
     pictures = generated_pictures(tmp_path, 4)
     assert len({p.read_bytes() for p in pictures}) == 4  # distinct real PNG files
     results = bench_extract(sizes=(224,), pictures=pictures, batch=2, threads=1)
-    assert [r.label for r in results] == [label for label, _, _ in VARIANTS]
+    assert [(r.tuned, r.extractor) for r in results] == list(VARIANTS)
+    assert [r.label for r in results] == [
+        "extract_features, glibc defaults",
+        "plain loop, glibc defaults",
+        "extract_features, tuned allocator",
+        "plain loop, tuned allocator",
+    ]
     assert all(r.pictures_s > 0 and r.user_s > 0 and r.system_s >= 0 for r in results)
     table = format_extract(results, 4)
     assert "224 px extract_features: tuned / defaults = " in table

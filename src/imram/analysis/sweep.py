@@ -322,8 +322,8 @@ def run_sweep(
     report_json = out / "report.json"
     atomic_write_text(report_json, json.dumps(payload, indent=1))
     report_md = out / "report.md"
-    text = _report_text(sweep, command, config, data, overrides, options, test, table, rows)
-    atomic_write_text(report_md, text.replace("{figure}", figure.name) + "\n")
+    text = _report_text(sweep, command, config, data, overrides, options, test, table, rows, figure)
+    atomic_write_text(report_md, text + "\n")
     return SweepResult(
         rows=rows, table=table, plot=figure, report_md=report_md, report_json=report_json
     )
@@ -339,9 +339,10 @@ def _report_text(
     test: PrecompDataset,
     table: str,
     rows: list[VariantResult],
+    figure: Path,
 ) -> str:
-    """``report.md``: what was evaluated where, the table, the plot (``{figure}``), what was
-    run for each variant, and the sweep's notes."""
+    """``report.md``: what was evaluated where, the table, the plot, what was run for each
+    variant, and the sweep's notes."""
     ran = [
         f"- {r.label}: `{_train_command(config, data, r.run, [*overrides, *r.overrides])}` — "
         f"{r.status}, {r.epochs_done}/{r.epochs} epochs"
@@ -364,7 +365,7 @@ def _report_text(
             "",
             table,
             "",
-            f"![{sweep.title}]({{figure}})",
+            f"![{sweep.title}]({figure.name})",
             "",
             "## What was run",
             "",

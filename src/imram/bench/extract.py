@@ -15,26 +15,28 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from imram.bench.common import torch_threads
-
-# (label, tuned allocator, imram's extractor or the plain loop)
-VARIANTS = (
-    ("extract_features, glibc defaults", False, True),
-    ("plain loop, glibc defaults", False, False),
-    ("extract_features, tuned allocator", True, True),
-    ("plain loop, tuned allocator", True, False),
-)
+# (tuned allocator, imram's extractor rather than the plain loop), defaults first
+VARIANTS = ((False, True), (False, False), (True, True), (True, False))
 
 
 @dataclass
 class ExtractTiming:
     """One variant at one input size: pictures/s and CPU seconds (user, system)."""
 
-    label: str
+    tuned: bool
+    extractor: bool
     input_size: int
     pictures_s: float
     user_s: float
     system_s: float
+
+    @property
+    def method(self) -> str:
+        return "extract_features" if self.extractor else "plain loop"
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}, {'tuned allocator' if self.tuned else 'glibc defaults'}"
 
 
 def generated_pictures(folder: Path, n: int, seed: int = 0) -> list[Path]:
@@ -103,31 +105,32 @@ def bench_extract(
     threads = threads or torch.get_num_threads()
     ctx = mp.get_context("spawn")
     results = []
-    with tempfile.TemporaryDirectory() as tmp, torch_threads(threads):
+    with tempfile.TemporaryDirectory() as tmp:
         paths = pictures or generated_pictures(Path(tmp), n_pictures)
         for size in sizes:
-            for label, tuned, ours in VARIANTS:
+            for tuned, ours in VARIANTS:
                 with ctx.Pool(1) as pool:
                     job = (paths, size, backbone, batch, tuned, ours, threads)
                     rate, user, system = pool.apply(_time_variant, (job,))
-                results.append(ExtractTiming(label, size, rate, user, system))
+                results.append(ExtractTiming(tuned, ours, size, rate, user, system))
     return results
 
 
 def format_extract(results: list[ExtractTiming], n_pictures: int) -> str:
-    """A table per input size, and each tuned variant's speed against its defaults' run."""
+    """One table of every variant and size, then each tuned variant's speed against the same
+    variant with glibc's defaults."""
     lines = [f"feature extraction, {n_pictures} pictures, fresh process per row"]
     lines.append(f"{'variant':<36}{'px':>5}{'pictures/s':>12}{'user s':>9}{'system s':>10}")
-    by_key = {(r.label, r.input_size): r for r in results}
+    defaults = {(r.extractor, r.input_size): r for r in results if not r.tuned}
     for r in results:
         lines.append(
             f"{r.label:<36}{r.input_size:>5}{r.pictures_s:>12.1f}{r.user_s:>9.1f}{r.system_s:>10.1f}"
         )
     for r in results:
-        if "tuned" in r.label:
-            base = by_key[(r.label.replace("tuned allocator", "glibc defaults"), r.input_size)]
+        if r.tuned:
+            base = defaults[(r.extractor, r.input_size)]
             lines.append(
-                f"{r.input_size} px {r.label.split(',')[0]}: tuned / defaults = "
+                f"{r.input_size} px {r.method}: tuned / defaults = "
                 f"{r.pictures_s / base.pictures_s:.2f}x"
             )
     return "\n".join(lines)

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``imram`` and ``python -m imram``; user errors print one line, exit 2."""
+    """Entry point of ``imram`` and ``python -m imram``: a user error prints one line and
+    exits 2; an interrupted workflow says how to resume and exits 130."""
     args = build_parser().parse_args(argv)
     tune_allocator()  # every command that runs a network reuses freed buffers (imram.allocator)
     try:
@@ -62,7 +63,3 @@ def main(argv: list[str] | None = None) -> int:
     except ImramError as err:
         print(f"imram {args.command}: error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

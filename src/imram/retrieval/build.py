@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from imram.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint
+from imram.checkpoint import WEIGHTS_NAME, Checkpoint, load_checkpoint, resolve_checkpoint
 from imram.data.precomp import PrecompDataset, pad_captions, read_folder_meta
 from imram.devices import resolve_device
 from imram.errors import ConfigError, DataError
@@ -35,7 +35,6 @@ from imram.retrieval.index_file import (
     GALLERIES,
     KINDS,
     META_NAME,
-    WEIGHTS_NAME,
     as_numpy,
     check_count,
     is_index,

@@ -19,7 +19,6 @@ META_NAME = "index.json"
 GALLERIES = ("images", "captions")
 FILES = {"images": "images.faiss", "captions": "captions.faiss"}
 KINDS = ("flat", "ivf")
-WEIGHTS_NAME = "model.safetensors"
 
 
 def check_count(name: str, value: Any, low: int = 1) -> int:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from imram.checkpoint import (
+    WEIGHTS_NAME,
     load_trainer_state,
     load_weights,
     read_meta,
@@ -104,12 +105,7 @@ RUN_FILES = ("config.yaml", "vocab.json", "metrics.jsonl", MANIFEST, "last", "be
 
 
 def _is_run_file(name: str) -> bool:
-    if name in RUN_FILES:
-        return True
-    return name.startswith(".") and any(
-        is_sibling_of(name, own) or (name.startswith(f".{own}.") and name.endswith(".tmp"))
-        for own in RUN_FILES
-    )
+    return name in RUN_FILES or any(is_sibling_of(name, own) for own in RUN_FILES)
 
 
 def check_run_dir(run: Path, resume: bool) -> None:
@@ -514,7 +510,7 @@ def _open(
     state = TrainState()
     if meta is not None:
         last_dir = run / "last"
-        weights = last_dir / "model.safetensors"
+        weights = last_dir / WEIGHTS_NAME
         load_weights(model, read_tensors(weights, meta, device), str(weights))
         load_trainer_state(last_dir, optimizer)
         state = TrainState.from_dict(meta["state"])

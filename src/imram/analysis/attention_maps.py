@@ -10,7 +10,6 @@ as in SCAN's folders) have no place in the picture, so they are drawn as bars, o
 
 from __future__ import annotations
 
-import json
 import shlex
 import textwrap
 from dataclasses import dataclass
@@ -29,13 +28,13 @@ from imram.analysis.pictures import (
     region_grid,
 )
 from imram.analysis.plots import DPI, save_figure
+from imram.analysis.report import write_report_files
 from imram.analysis.traces import TextTrace, check_regions, load_text_checkpoint, text_traces
 from imram.data import PrecompDataset
 from imram.data.text import END, START, UNK_ID, tokenize
 from imram.devices import default_device
 from imram.errors import ConfigError, DataError
 from imram.features.extract import image_features
-from imram.files import atomic_write_text
 
 MAX_WORDS = 12
 PANEL_PX = 200
@@ -284,8 +283,6 @@ def attention_maps(
         "attention": trace.attention.tolist(),
         "note": source.note,
     }
-    report_json = out / "attention.json"
-    atomic_write_text(report_json, json.dumps(payload, indent=1))
     argv = ["imram", "analyze", "attention", "--checkpoint", str(checkpoint), "--data", str(data)]
     argv += ["--split", split, "--image", image, "--caption", caption, "--out", str(out)]
     layout = f"a {source.grid[0]}x{source.grid[1]} grid" if source.grid else "regions as bars"
@@ -312,6 +309,5 @@ def attention_maps(
             "![attention per step](attention.png)",
         ]
     )
-    report_md = out / "report.md"
-    atomic_write_text(report_md, text + "\n")
-    return AttentionResult(figure, report_md, report_json, tokens, trace)
+    written = write_report_files(out, "attention.json", payload, text)
+    return AttentionResult(figure=figure, tokens=tokens, trace=trace, **written)

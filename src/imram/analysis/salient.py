@@ -11,7 +11,6 @@ own image) that are salient. Words are tagged offline by :mod:`imram.analysis.po
 
 from __future__ import annotations
 
-import json
 import math
 import shlex
 from collections.abc import Sequence
@@ -24,13 +23,12 @@ from tqdm import tqdm
 
 from imram.analysis.plots import DISTINCT_LINES, line_chart
 from imram.analysis.pos import CLASSES, word_classes
-from imram.analysis.report import AnalysisReport
+from imram.analysis.report import AnalysisReport, write_report_files
 from imram.analysis.traces import TextTrace, load_text_checkpoint, text_traces
 from imram.data import PrecompDataset
 from imram.data.text import tokenize
 from imram.devices import default_device
 from imram.errors import ConfigError
-from imram.files import atomic_write_text
 
 LABELS = {"NOUN": "nouns", "VERB": "verbs", "ADJ": "adjectives"}
 EXAMPLES = 10
@@ -178,8 +176,6 @@ def salient_analysis(
         "shares": shares,
         "examples": examples,
     }
-    report_json = out / "salient.json"
-    atomic_write_text(report_json, json.dumps(payload, indent=1))
     argv = ["imram", "analyze", "salient", "--checkpoint", str(checkpoint), "--data", str(data)]
     argv += ["--split", split, "--out", str(out), "--seed", str(seed)]
     argv += ["--max-pairs", str(max_pairs)] if max_pairs is not None else []
@@ -209,11 +205,8 @@ def salient_analysis(
             PAPER_NOTE,
         ]
     )
-    report_md = out / "report.md"
-    atomic_write_text(report_md, text + "\n")
-    return SalientResult(
-        counts=counts, table=table, plot=plot, report_md=report_md, report_json=report_json
-    )
+    written = write_report_files(out, "salient.json", payload, text)
+    return SalientResult(counts=counts, table=table, plot=plot, **written)
 
 
 def _example(

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imram.analysis.report import AnalysisReport
+from imram.analysis.report import AnalysisReport, write_report_files
 from imram.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
 from imram.config import Config, load_config
 from imram.data import PrecompDataset
@@ -319,14 +319,9 @@ def run_sweep(
         "plot": figure.name,
         "variants": [{**asdict(r), "run": str(r.run)} for r in rows],
     }
-    report_json = out / "report.json"
-    atomic_write_text(report_json, json.dumps(payload, indent=1))
-    report_md = out / "report.md"
     text = _report_text(sweep, command, config, data, overrides, options, test, table, rows, figure)
-    atomic_write_text(report_md, text + "\n")
-    return SweepResult(
-        rows=rows, table=table, plot=figure, report_md=report_md, report_json=report_json
-    )
+    written = write_report_files(out, "report.json", payload, text)
+    return SweepResult(rows=rows, table=table, plot=figure, **written)
 
 
 def _report_text(

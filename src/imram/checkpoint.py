@@ -27,7 +27,7 @@ from torch import nn
 
 from imram import files
 from imram.config import Config
-from imram.data.text import Vocabulary
+from imram.data.text import Tokenizer, Vocabulary, tokenizer_from_json
 from imram.errors import DataError
 from imram.models import build_model
 
@@ -43,7 +43,7 @@ class Checkpoint:
 
     model: nn.Module
     config: Config
-    vocab: Vocabulary | None
+    vocab: Tokenizer | None
     path: Path
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -87,7 +87,7 @@ def save_checkpoint(
     path: str | Path,
     model: nn.Module,
     config: Config,
-    vocab: Vocabulary,
+    vocab: Tokenizer,
     state: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = resolve_checkpoint(path)
     meta = read_meta(path)
     config = Config.from_dict(meta["config"], str(path / "checkpoint.json"))
-    vocab = Vocabulary.from_json(meta["vocab"], str(path / "checkpoint.json"))
+    vocab = tokenizer_from_json(meta["vocab"], str(path / "checkpoint.json"))
     model = build_model(config.model)
     weights = path / WEIGHTS_NAME
     load_weights(model, read_tensors(weights, meta, map_location), str(weights))

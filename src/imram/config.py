@@ -54,6 +54,9 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 2e-4
+    # A fine-tuned pretrained text encoder's learning rate (model.text_encoder other than gru,
+    # model.freeze_text false): pretrained weights move less than new ones; decays with lr.
+    text_lr: float = 2e-5
     lr_decay_epochs: int = 15
     lr_decay: float = 0.1
     grad_clip: float = 2.0
@@ -98,7 +101,7 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 0")
-        for key in ("lr", "score_budget_mb"):
+        for key in ("lr", "text_lr", "score_budget_mb"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
         if self.mining not in MINING:
@@ -238,6 +241,28 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _with_base(values: dict[str, Any], source: str, seen: list[str]) -> dict[str, Any]:
+    """``values`` over the preset its ``base:`` names (recursively, section by section), so
+    that a variant states only what differs from the preset it extends."""
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if base not in list_presets():
+        raise ConfigError(f"{source}: base {base!r} is not a preset")
+    if base in seen:
+        raise ConfigError(f"{source}: presets extend each other in a cycle ({base})")
+    from importlib.resources import files
+
+    text = files("imram.presets").joinpath(f"{base}.yaml").read_text("utf-8")
+    merged = _with_base(_read_yaml(text, f"preset {base}"), f"preset {base}", [*seen, base])
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(preset_or_path: str, overrides: list[str] | None = None) -> Config:
     """A preset name or a YAML file, then ``--set`` overrides in order, validated."""
     from importlib.resources import files
@@ -257,6 +282,7 @@ def load_config(preset_or_path: str, overrides: list[str] | None = None) -> Conf
         source = f"preset {preset_or_path}"
         text = files("imram.presets").joinpath(f"{preset_or_path}.yaml").read_text("utf-8")
         values = _read_yaml(text, source)
+    values = _with_base(values, source, [])
     for item in overrides or []:
         keys, value = parse_override(item)
         node = values

@@ -18,6 +18,7 @@ AGGREGATORS = ("ours", "add", "mlp", "att", "gate")
 POOLINGS = ("avg", "lse")
 TEXT_POOLS = ("last", "mean")
 WORD_VECTORS = ("", "glove-6b-50d")
+TEXT_ENCODERS = ("gru", "minilm")
 MEMBER_BANKS = ("queue", "learned")
 MEMBER_POOLS = ("mean", "attention")
 
@@ -36,6 +37,11 @@ class ModelConfig:
     img_dim: int = 2048
     embed_dim: int = 1024
     gru_layers: int = 1
+    # Caption encoder: "gru" (a Bi-GRU over word embeddings, the papers') or "minilm" (the
+    # pretrained all-MiniLM-L6-v2 over word pieces); freeze_text keeps the pretrained
+    # transformer fixed (its states cached per caption) instead of fine-tuning it.
+    text_encoder: str = "gru"
+    freeze_text: bool = True
     # Word embeddings: "" (random) or "glove-6b-50d" (needs word_dim 50); frozen or trained.
     word_vectors: str = ""
     freeze_words: bool = False
@@ -72,6 +78,7 @@ class ModelConfig:
             "text_pool": TEXT_POOLS,
             "member_bank": MEMBER_BANKS,
             "member_pool": MEMBER_POOLS,
+            "text_encoder": TEXT_ENCODERS,
         }
         for key, allowed in choices.items():
             value = getattr(self, key)
@@ -97,6 +104,16 @@ class ModelConfig:
             raise ConfigError(
                 f"model.word_vectors={self.word_vectors!r} is not one of "
                 + ", ".join(repr(w) for w in WORD_VECTORS)
+            )
+        if self.word_vectors and self.text_encoder != "gru":
+            raise ConfigError(
+                f"model.word_vectors={self.word_vectors} feeds the GRU's word embeddings; "
+                f"model.text_encoder={self.text_encoder} reads word pieces (set word_vectors '')"
+            )
+        if self.freeze_words and self.text_encoder != "gru":
+            raise ConfigError(
+                f"model.freeze_words freezes the GRU's word embeddings; with "
+                f"model.text_encoder={self.text_encoder} use model.freeze_text"
             )
         if self.word_vectors and self.word_dim != 50:
             raise ConfigError(

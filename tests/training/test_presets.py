@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from imram.config import Config, list_presets, load_config
+from imram.errors import ConfigError
 from imram.models import model_config
 
 CPU = ("cpu_full_imram", "cpu_scan_t2i", "cpu_vsepp", "cpu_member")
@@ -42,8 +43,12 @@ def test_presets_state_only_what_differs(preset):
     place."""
     text = (files("imram.presets") / f"{preset}.yaml").read_text(encoding="utf-8")
     raw = yaml.safe_load(text)
-    defaults = Config()
-    model_defaults = model_config(raw["model"]["name"]).to_dict()
+    if "base" in raw:  # a variant: only what differs from the preset it extends
+        defaults = load_config(raw.pop("base"))
+        model_defaults = defaults.model.to_dict()
+    else:
+        defaults = Config()
+        model_defaults = model_config(raw["model"]["name"]).to_dict()
     for section, values in raw.items():
         if not isinstance(values, dict):
             assert getattr(defaults, section) != values, section
@@ -51,3 +56,18 @@ def test_presets_state_only_what_differs(preset):
         base = model_defaults if section == "model" else vars(getattr(defaults, section))
         repeated = [k for k, v in values.items() if k != "name" and base[k] == v]
         assert not repeated, f"{preset}: {section}.{repeated} restate the defaults"
+
+
+def test_a_variant_states_only_what_differs_from_its_base(tmp_path):
+    variant = tmp_path / "mine.yaml"
+    variant.write_text("base: quickstart_vsepp\nmodel: {embed_dim: 64}\ntrain: {epochs: 3}\n")
+    config = load_config(str(variant))
+    base = load_config("quickstart_vsepp")
+    assert (config.model.embed_dim, config.train.epochs) == (64, 3)
+    assert config.model.word_vectors == base.model.word_vectors == "glove-6b-50d"
+    assert config.train.lr == base.train.lr and config.data == base.data
+    minilm = load_config("quickstart_vsepp_minilm")
+    assert (minilm.model.text_encoder, minilm.train) == ("minilm", base.train)
+    variant.write_text("base: no_such_preset\n")
+    with pytest.raises(ConfigError, match="base 'no_such_preset' is not a preset"):
+        load_config(str(variant))

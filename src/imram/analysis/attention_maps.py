@@ -31,7 +31,7 @@ from imram.analysis.plots import DPI, save_figure
 from imram.analysis.report import write_report_files
 from imram.analysis.traces import TextTrace, check_regions, load_text_checkpoint, text_traces
 from imram.data import PrecompDataset
-from imram.data.text import END, START, UNK_ID, tokenize
+from imram.data.text import MARKERS
 from imram.devices import default_device
 from imram.errors import ConfigError, DataError
 from imram.features.extract import image_features
@@ -125,7 +125,7 @@ def resolve_image(
 def shown_tokens(tokens: list[str], limit: int = MAX_WORDS) -> list[int]:
     """Positions of the words to draw: tokens with a letter or digit (no markers, no
     punctuation), the first ``limit``; every token when there is none."""
-    words = [i for i, t in enumerate(tokens) if t not in (START, END) and any(map(str.isalnum, t))]
+    words = [i for i, t in enumerate(tokens) if t not in MARKERS and any(map(str.isalnum, t))]
     return (words or list(range(len(tokens))))[:limit]
 
 
@@ -255,10 +255,11 @@ def attention_maps(
     if caption is None or not caption.strip():
         raise ConfigError("--caption: a caption is needed (an image file has none of its own)")
     assert loaded.vocab is not None
-    ids = loaded.vocab.encode(caption)
-    tokens = [START, *tokenize(caption), END]
-    unknown = [i == UNK_ID for i in ids]
-    trace = text_traces(loaded.model, source.features, [ids], device)[0]
+    vocab = loaded.vocab
+    ids = vocab.encode(caption)
+    tokens = vocab.tokens(caption)
+    unknown = vocab.unknown_words(ids)
+    trace = text_traces(loaded.model, source.features, [ids], device, [vocab.word_groups(ids)])[0]
     shown = shown_tokens(tokens, max_words)
     name = loaded.config.model.name
     step_text = ", ".join(f"{s:.3f}" for s in trace.step_scores)

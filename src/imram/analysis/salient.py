@@ -26,7 +26,6 @@ from imram.analysis.pos import CLASSES, word_classes
 from imram.analysis.report import AnalysisReport, write_report_files
 from imram.analysis.traces import TextTrace, load_text_checkpoint, text_traces
 from imram.data import PrecompDataset
-from imram.data.text import tokenize
 from imram.devices import default_device
 from imram.errors import ConfigError
 
@@ -132,7 +131,8 @@ def salient_analysis(
     ``out/report.md``, ``out/salient.json`` and ``out/salient.png``."""
     device = device or str(default_device())
     loaded = load_text_checkpoint(checkpoint, device)
-    dataset = PrecompDataset(data, split, loaded.vocab)
+    vocab = loaded.vocab
+    dataset = PrecompDataset(data, split, vocab)
     dataset.require_feature_dim(loaded.config.model.img_dim, f"the checkpoint {loaded.path}")
     chosen = _sample(dataset.num_captions, max_pairs, seed)
     by_image: dict[int, list[int]] = {}
@@ -143,9 +143,10 @@ def salient_analysis(
     bar = tqdm(by_image.items(), desc="salient", unit="img", disable=not progress)
     for image, caption_ids in bar:
         tokens = [dataset.caption_tokens(j) for j in caption_ids]
-        traces = text_traces(loaded.model, dataset.image(image), tokens, device)
+        groups = [vocab.word_groups(ids) for ids in tokens]
+        traces = text_traces(loaded.model, dataset.image(image), tokens, device, groups)
         for j, trace in zip(caption_ids, traces, strict=True):
-            words = tokenize(dataset.captions[j])
+            words = vocab.tokens(dataset.captions[j])[1:-1]
             classes = [None, *word_classes(words), None]
             mask = counts.add(trace.word_scores, classes)
             if len(examples) < EXAMPLES:

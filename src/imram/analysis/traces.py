@@ -15,6 +15,7 @@ import torch
 
 from imram.checkpoint import Checkpoint, load_checkpoint
 from imram.data import pad_captions
+from imram.data.text import merge_words
 from imram.errors import ConfigError, DataError
 
 
@@ -68,9 +69,12 @@ def text_traces(
     features: torch.Tensor,
     token_lists: Sequence[Sequence[int]],
     device: str | torch.device,
+    groups: Sequence[list[list[int]]] | None = None,
 ) -> list[TextTrace]:
     """The text-branch trace of one image (``[R, D]`` raw region features) with each caption
-    (token ids with ``<start>``/``<end>``), one :class:`TextTrace` per caption."""
+    (token ids with ``<start>``/``<end>``), one :class:`TextTrace` per caption; ``groups``
+    (per caption, the tokenizer's ``word_groups``) merges word pieces into words, each word
+    attending and scoring as the mean of its pieces."""
     tokens, lengths = pad_captions(token_lists)
     on_device = lengths.to(device)
     image = model.encode_images(features[None].to(device))
@@ -79,7 +83,12 @@ def text_traces(
     attention = torch.stack([a[:, 0] for a in trace.attention], dim=1).float().cpu().numpy()
     scores = trace.fragment_scores[:, 0].float().cpu().numpy()
     steps = trace.step_scores[:, 0].float().cpu().numpy()
-    return [
-        TextTrace(attention[q, :, :n], scores[q, :, :n], steps[q])
-        for q, n in enumerate(lengths.tolist())
-    ]
+    traces = []
+    for q, n in enumerate(lengths.tolist()):
+        trace = TextTrace(attention[q, :, :n], scores[q, :, :n], steps[q])
+        if groups is not None:
+            merged = merge_words(torch.from_numpy(trace.attention), groups[q], 1, "mean")
+            words = merge_words(torch.from_numpy(trace.word_scores), groups[q], 1, "mean")
+            trace = TextTrace(merged.numpy(), words.numpy(), trace.step_scores)
+        traces.append(trace)
+    return traces

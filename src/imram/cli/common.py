@@ -12,14 +12,16 @@ from typing import Any
 def load_model(args: argparse.Namespace):
     """``--checkpoint`` (a run, a checkpoint, or a release ``.pth.tar`` with ``--vocab``)."""
     from imram.checkpoint import import_release_checkpoint, load_checkpoint
-    from imram.data import Vocabulary
+    from imram.data.text import Vocabulary, load_tokenizer
     from imram.errors import DataError
 
     path = Path(args.checkpoint)
-    vocab = Vocabulary.load(args.vocab) if args.vocab else None
+    vocab = load_tokenizer(args.vocab) if args.vocab else None
     if path.is_file():
         if vocab is None:
             raise DataError(f"{path}: a release checkpoint has no vocabulary; pass --vocab")
+        if not isinstance(vocab, Vocabulary):
+            raise DataError(f"{args.vocab}: a release checkpoint reads words, not word pieces")
         return import_release_checkpoint(path, vocab)
     checkpoint = load_checkpoint(path)
     if vocab is not None and vocab != checkpoint.vocab:

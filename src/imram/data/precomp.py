@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from imram.data.text import Vocabulary, read_captions, read_lines
+from imram.data.text import Tokenizer, read_captions, read_lines
 from imram.errors import DataError
 
 FEATURE_NAMES = ("{split}_ims.npy", "{split}_feat.npy")
@@ -211,7 +211,7 @@ class PrecompDataset(Dataset[Item]):
     None, for callers that need only the layout: counts, ``cap2img``, ids).
     """
 
-    def __init__(self, root: str | Path, split: str, vocab: Vocabulary | None) -> None:
+    def __init__(self, root: str | Path, split: str, vocab: Tokenizer | None) -> None:
         self.root = Path(root)
         self.split = split
         self.vocab = vocab
@@ -303,12 +303,21 @@ class PrecompDataset(Dataset[Item]):
         j = _normalise_index(j, self.num_captions, "caption")
         return self._tokens(j).tolist()
 
-    def _tokens(self, j: int) -> np.ndarray:
+    def token_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every caption's token ids one after another, and ``offsets [N+1]`` where caption
+        j's start (``ids[offsets[j]:offsets[j+1]]``)."""
+        self._require_tokens()
+        return self._token_ids, self._token_offsets
+
+    def _require_tokens(self) -> None:
         if self.vocab is None:
             raise RuntimeError(
                 f"{self.captions_path}: this dataset was opened without a vocabulary, so its "
                 "captions have no token ids"
             )
+
+    def _tokens(self, j: int) -> np.ndarray:
+        self._require_tokens()
         return self._token_ids[self._token_offsets[j] : self._token_offsets[j + 1]]
 
     def __getitem__(self, j: int) -> Item:

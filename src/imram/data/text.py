@@ -8,15 +8,22 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
+import torch
 from nltk.tokenize import word_tokenize
+from torch import Tensor
 
 from imram.errors import DataError
 from imram.files import atomic_write_text
 
+if TYPE_CHECKING:
+    from imram.data.wordpiece import WordPieces
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+# Words that mark a caption's ends: ours, and a word-piece tokenizer's (never shown as words).
+MARKERS = frozenset({START, END, "[CLS]", "[SEP]"})
 PAD_ID, START_ID, END_ID, UNK_ID = range(4)
 
 _BOM = "\ufeff"
@@ -121,6 +128,22 @@ class Vocabulary:
         """Words of ``ids``, markers and padding included (the inverse of the id lookup)."""
         return [self.word(int(i)) for i in ids]
 
+    def tokens(self, caption: str) -> list[str]:
+        """The words ``encode`` reads, before the vocabulary: ``<start>``, tokens, ``<end>``."""
+        return [START, *tokenize(caption), END]
+
+    def word_groups(self, ids: Sequence[int]) -> list[list[int]]:
+        """Positions of ``ids`` grouped by shown word: one word per id."""
+        return [[position] for position in range(len(ids))]
+
+    def shown_words(self, ids: Sequence[int]) -> list[str]:
+        """The words ``ids`` show, markers included (``<unk>`` for words outside)."""
+        return self.decode(ids)
+
+    def unknown_words(self, ids: Sequence[int]) -> list[bool]:
+        """Per id, whether it is ``<unk>``."""
+        return [int(i) == UNK_ID for i in ids]
+
     def fingerprint(self) -> str:
         """SHA-256 of the ordered word list: equal fingerprints mean identical id assignments."""
         return hashlib.sha256("\n".join(self.words).encode("utf-8")).hexdigest()
@@ -200,13 +223,48 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         """Load ours or the original release's ``*_vocab.json``, checking it is consistent."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise DataError(f"{path}: vocabulary file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: not a JSON vocabulary ({err})") from None
-        except OSError as err:
-            raise DataError(f"{path}: cannot read the vocabulary ({err.strerror or err})") from None
-        return cls.from_json(data, str(path))
+        vocab = load_tokenizer(path)
+        if not isinstance(vocab, Vocabulary):
+            raise DataError(f"{path}: a word-piece tokenizer, not a word vocabulary")
+        return vocab
+
+
+def tokenizer_from_json(data: object, source: str = "<vocabulary>") -> Tokenizer:
+    """A run's saved tokenizer: a word-piece tokenizer (``"kind": "wordpiece"``) or a word
+    vocabulary in the release's layout."""
+    if isinstance(data, dict) and data.get("kind") == "wordpiece":
+        from imram.data.wordpiece import WordPieces
+
+        return WordPieces.from_json(data, source)
+    return Vocabulary.from_json(data, source)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Read a ``vocab.json``: :func:`tokenizer_from_json` of the file, errors naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: vocabulary file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a JSON vocabulary ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the vocabulary ({err.strerror or err})") from None
+    return tokenizer_from_json(data, str(path))
+
+
+def merge_words(values: Tensor, groups: list[list[int]], dim: int, reduce: str) -> Tensor:
+    """Per-fragment ``values`` merged into shown words along ``dim`` by ``groups`` (from
+    ``word_groups``): ``mean`` where fragments query (a word attends as its pieces do on
+    average), ``sum`` where they are attended (a word's weight is its pieces' total, so a
+    distribution over pieces stays one over words)."""
+    if all(len(g) == 1 for g in groups):
+        return values.index_select(dim, torch.tensor([g[0] for g in groups]))
+    parts = [values.narrow(dim, g[0], len(g)) for g in groups]
+    pooled = [
+        p.mean(dim, keepdim=True) if reduce == "mean" else p.sum(dim, keepdim=True) for p in parts
+    ]
+    return torch.cat(pooled, dim=dim)
+
+
+Tokenizer: TypeAlias = "Vocabulary | WordPieces"

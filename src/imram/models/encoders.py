@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from imram.precision import at_least_fp32
-
-if TYPE_CHECKING:
-    from imram.schema import ModelConfig
 
 EPS = 1e-8
 
@@ -87,10 +83,3 @@ class TextEncoder(nn.Module):
         words = (out[..., :d] + out[..., d:]) / 2
         sentence = (hidden[-2] + hidden[-1]) / 2
         return l2norm(words), sentence
-
-
-def build_encoders(config: ModelConfig) -> tuple[ImageEncoder, TextEncoder]:
-    """The region and word encoders every model starts from, sized by its config."""
-    image = ImageEncoder(config.img_dim, config.embed_dim)
-    text = TextEncoder(config.vocab_size, config.word_dim, config.embed_dim, config.gru_layers)
-    return image, text

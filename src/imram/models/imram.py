@@ -16,10 +16,11 @@ from imram.models.attention import (
     pool_fragments,
     raw_scores,
 )
-from imram.models.encoders import build_encoders, length_mask
+from imram.models.encoders import length_mask
 from imram.models.interface import CrossAttentionModel
 from imram.models.memory import MemoryDistillation
 from imram.models.registry import register_model
+from imram.models.towers import build_encoders
 from imram.models.workspace import gather, scratch
 from imram.precision import at_least_fp32
 from imram.schema import ModelConfig

@@ -37,10 +37,11 @@ from torch import Tensor, nn
 
 from imram.distributed import batch_is_sharded, gather_uneven
 from imram.models.attention import attend, attention_from_scores, raw_scores
-from imram.models.encoders import build_encoders, l2norm, length_mask, masked_mean
+from imram.models.encoders import l2norm, length_mask, masked_mean
 from imram.models.interface import EmbeddingModel
 from imram.models.memory import MemoryDistillation
 from imram.models.registry import register_model
+from imram.models.towers import build_encoders
 from imram.schema import ModelConfig
 
 MODALITIES = ("image", "text")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from imram.models.encoders import build_encoders, l2norm, length_mask, masked_mean
+from imram.models.encoders import l2norm, length_mask, masked_mean
 from imram.models.interface import EmbeddingModel
 from imram.models.registry import register_model
+from imram.models.towers import build_encoders
 from imram.schema import ModelConfig
 
 

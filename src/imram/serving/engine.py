@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from imram.checkpoint import Checkpoint, load_checkpoint
 from imram.data.precomp import PrecompDataset, pad_captions, read_folder_meta
-from imram.data.text import END, START, tokenize
+from imram.data.text import merge_words
 from imram.errors import ConfigError, DataError
 from imram.features.efficientnet_lite import load_efficientnet_lite
 from imram.features.extract import ExtractorConfig, ImageError, image_features
@@ -360,6 +360,7 @@ class SearchService:
         assert self.dataset is not None
         model, vocab = self.reranker.model, self.reranker.vocab
         ids = vocab.encode(q)
+        groups = vocab.word_groups(ids)
         tokens, lengths = pad_captions([ids])
         dataset = self.dataset
 
@@ -371,11 +372,16 @@ class SearchService:
 
         regions, traces = self._call(task)
         text = traces["text"]
+
+        def by_word(values: torch.Tensor, dim: int, reduce: str) -> Any:
+            """Word pieces merged into the shown words (a no-op for a word vocabulary)."""
+            return _floats(merge_words(values, groups, dim, reduce), _ROUND)
+
         steps = [
             {
                 "step": k + 1,
-                "attention": _floats(text.attention[k][0, 0], _ROUND),
-                "word_scores": _floats(text.fragment_scores[0, 0, k], _ROUND),
+                "attention": by_word(text.attention[k][0, 0], 0, "mean"),
+                "word_scores": by_word(text.fragment_scores[0, 0, k], 0, "mean"),
                 "step_score": float(text.step_scores[0, 0, k]),
             }
             for k in range(text.step_scores.shape[-1])
@@ -388,7 +394,7 @@ class SearchService:
                 "steps": [
                     {
                         "step": k + 1,
-                        "attention": _floats(trace.attention[k][0, 0], _ROUND),
+                        "attention": by_word(trace.attention[k][0, 0], 1, "sum"),
                         "region_scores": _floats(trace.fragment_scores[0, 0, k], _ROUND),
                         "step_score": float(trace.step_scores[0, 0, k]),
                     }
@@ -401,8 +407,8 @@ class SearchService:
             "name": self.gallery.image_names[image],
             "image_url": f"/images/{image}",
             "model": self.reranker.config.model.name,
-            "words": vocab.decode(ids),
-            "tokens": [START, *tokenize(q), END],
+            "words": vocab.shown_words(ids),
+            "tokens": vocab.tokens(q),
             "markers": "included",
             "grid": self.grid,
             "regions": regions,

@@ -30,12 +30,15 @@ from imram.checkpoint import (
 from imram.config import Config, save_config
 from imram.data import PrecompBatch, PrecompDataset, Vocabulary, collate, read_captions
 from imram.data.glove import embedding_matrix, glove_vocabulary
+from imram.data.text import Tokenizer, load_tokenizer
+from imram.data.wordpiece import WordPieces
 from imram.devices import resolve_device
 from imram.distributed import any_rank, barrier, broadcast_object, sum_gradients, world
 from imram.errors import ConfigError, DataError, TrainingError
 from imram.evaluation import evaluate_model
 from imram.files import atomic_write_text, check_sealed, is_sibling_of
 from imram.models import build_model
+from imram.models.text_transformer import TransformerTextEncoder, cache_token_states
 from imram.precision import autocast, resolve_precision
 from imram.training.batch import batch_scores, mined_batch_loss
 from imram.training.loss import triplet_loss
@@ -70,11 +73,22 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator)
 
 
-def _vocabulary(config: Config, data: Path, run: Path, vocab_path: str | Path | None) -> Vocabulary:
-    if vocab_path is not None:
-        return Vocabulary.load(vocab_path)
-    if (run / "vocab.json").is_file():
-        return Vocabulary.load(run / "vocab.json")
+def _vocabulary(config: Config, data: Path, run: Path, vocab_path: str | Path | None) -> Tokenizer:
+    """The run's tokenizer: ``--vocab``, the run's ``vocab.json``, the pretrained text
+    encoder's word pieces, or a word vocabulary built from the train and dev captions."""
+    given = vocab_path if vocab_path is not None else run / "vocab.json"
+    if vocab_path is not None or given.is_file():
+        vocab = load_tokenizer(given)
+        pieces = config.model.text_encoder != "gru"
+        if pieces != isinstance(vocab, WordPieces):
+            kind = "word-piece tokenizer" if isinstance(vocab, WordPieces) else "word vocabulary"
+            raise ConfigError(
+                f"{given}: a {kind}, but model.text_encoder={config.model.text_encoder} "
+                f"reads {'word pieces' if pieces else 'words'}"
+            )
+        return vocab
+    if config.model.text_encoder != "gru":
+        return WordPieces(config.model.text_encoder)
     files = [
         data / f"{split}_caps.txt" for split in (config.data.train_split, config.data.val_split)
     ]
@@ -87,7 +101,7 @@ def _vocabulary(config: Config, data: Path, run: Path, vocab_path: str | Path | 
     return Vocabulary.from_caption_files(files, config.data.vocab_threshold)
 
 
-def init_word_embeddings(model: torch.nn.Module, config: Config, vocab: Vocabulary) -> int:
+def init_word_embeddings(model: torch.nn.Module, config: Config, vocab: Tokenizer) -> int:
     """Load ``model.word_vectors`` into the word embeddings (before training; a resumed run has
     them in its weights) and return how many vocabulary words the vectors covered."""
     if not config.model.word_vectors:
@@ -97,6 +111,21 @@ def init_word_embeddings(model: torch.nn.Module, config: Config, vocab: Vocabula
     with torch.no_grad():
         embed.copy_(torch.from_numpy(matrix).to(embed.device))
     return found
+
+
+def _param_groups(model: torch.nn.Module, config: Config) -> list[dict[str, Any]]:
+    """The trainable parameters: a fine-tuned pretrained transformer in its own group at
+    ``train.text_lr`` (named, so the schedule finds it), everything else at ``train.lr``."""
+    text = model.text_encoder
+    tuned = []
+    if isinstance(text, TransformerTextEncoder):
+        tuned = [p for p in text.transformer.parameters() if p.requires_grad]
+    own = {id(p) for p in tuned}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    groups: list[dict[str, Any]] = [{"params": rest, "lr": config.train.lr}]
+    if tuned:
+        groups.append({"params": tuned, "lr": config.train.text_lr, "name": "text_transformer"})
+    return groups
 
 
 # What a run directory may hold: the files and folders train() writes, and the hidden siblings
@@ -234,7 +263,7 @@ class _Session:
 
     run: Path
     config: Config
-    vocab: Vocabulary
+    vocab: Tokenizer
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -348,7 +377,8 @@ class _Session:
         learning rate set on the optimizer."""
         tc = self.config.train
         for group in self.optimizer.param_groups:
-            group["lr"] = tc.lr * tc.lr_decay ** (epoch // tc.lr_decay_epochs)
+            base = tc.text_lr if group.get("name") == "text_transformer" else tc.lr
+            group["lr"] = base * tc.lr_decay ** (epoch // tc.lr_decay_epochs)
         order = epoch_order(len(self.train_set), tc.seed, epoch)
         return [order[s : s + tc.batch_size] for s in range(0, len(order), tc.batch_size)]
 
@@ -505,8 +535,7 @@ def _open(
     found = 0 if resume else init_word_embeddings(model, config, vocab)
     if config.model.freeze_words:
         model.text_encoder.embed.weight.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.train.lr)
+    optimizer = torch.optim.Adam(_param_groups(model, config), lr=config.train.lr)
     state = TrainState()
     if meta is not None:
         last_dir = run / "last"
@@ -515,6 +544,9 @@ def _open(
         load_trainer_state(last_dir, optimizer)
         state = TrainState.from_dict(meta["state"])
         check_sealed(meta, last_dir / "checkpoint.json")
+    if isinstance(model.text_encoder, TransformerTextEncoder) and model.text_encoder.frozen:
+        splits = [(d.captions_path, *d.token_arrays()) for d in (train_set, val_set)]
+        cache_token_states(model.text_encoder, splits)
     precision = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = _Log(run / "metrics.jsonl" if lead else None)

@@ -327,7 +327,7 @@
 
   // The model reads <start> and <end> around the query; they are shown but not averaged.
   function isMarker(word) {
-    return word === "<start>" || word === "<end>";
+    return ["<start>", "<end>", "[CLS]", "[SEP]"].includes(word);
   }
 
   function paintLegend(low, high) {

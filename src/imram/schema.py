@@ -19,7 +19,8 @@ POOLINGS = ("avg", "lse")
 TEXT_POOLS = ("last", "mean")
 WORD_VECTORS = ("", "glove-6b-50d")
 TEXT_ENCODERS = ("gru", "minilm")
-MEMBER_BANKS = ("queue", "learned")
+MEMBER_BANKS = ("queue", "learned", "kmeans")
+MEMBER_FUSIONS = ("residual", "fragments")
 MEMBER_POOLS = ("mean", "attention")
 
 
@@ -63,6 +64,12 @@ class ModelConfig:
     member_bank_size: int = 2048
     member_bank: str = "queue"
     member_pool: str = "mean"
+    # How the bank enters the embedding: "residual" adds a gated memory vector to VSE++'s own
+    # (the gate starts closed: a fresh MEMBER scores as VSE++ with the same weights);
+    # "fragments" fuses every fragment with its attended slots, then pools.
+    member_fusion: str = "residual"
+    # kmeans banks: each centroid moves to ema·centroid + (1−ema)·mean of its new fragments.
+    member_ema: float = 0.99
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +85,7 @@ class ModelConfig:
             "text_pool": TEXT_POOLS,
             "member_bank": MEMBER_BANKS,
             "member_pool": MEMBER_POOLS,
+            "member_fusion": MEMBER_FUSIONS,
             "text_encoder": TEXT_ENCODERS,
         }
         for key, allowed in choices.items():
@@ -120,6 +128,8 @@ class ModelConfig:
                 f"model.word_vectors={self.word_vectors} gives 50-d vectors; "
                 f"set model.word_dim=50 (got {self.word_dim})"
             )
+        if not 0 <= self.member_ema < 1:
+            raise ConfigError(f"model.member_ema={self.member_ema!r} must lie in [0, 1)")
         if self.lambda_image is not None and not self.lambda_image > 0:
             raise ConfigError(f"model.lambda_image={self.lambda_image!r} must be > 0 or null")
 

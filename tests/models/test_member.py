@@ -17,9 +17,10 @@ from imram.errors import ConfigError
 from imram.evaluation import evaluate_model
 from imram.metrics import chance_metrics
 from imram.models import MEMBER, build_model
+from imram.models.member import kmeans_update
 from imram.training.trainer import train
 
-SMALL = dict(vocab_size=30, word_dim=6, img_dim=10, embed_dim=8)
+SMALL = dict(vocab_size=30, word_dim=6, img_dim=10, embed_dim=8, member_fusion="fragments")
 LENGTHS = torch.tensor([2, 3])
 
 
@@ -229,8 +230,10 @@ SMALL_RUN = [
 ]
 
 
-def test_trains_far_above_chance_and_resumes_exactly(toy_data, tmp_path):
-    config = load_config("member", [*SMALL_RUN, "train.epochs=4"])
+@pytest.mark.parametrize("bank", [["queue", "fragments"], ["kmeans", "residual"]])
+def test_trains_far_above_chance_and_resumes_exactly(bank, toy_data, tmp_path):
+    kind = [f"model.member_bank={bank[0]}", f"model.member_fusion={bank[1]}"]
+    config = load_config("member", [*SMALL_RUN, *kind, "train.epochs=4"])
     train(config, toy_data, tmp_path / "whole", progress=False)
     checkpoint = load_checkpoint(tmp_path / "whole")
     assert int(checkpoint.model.image_bank_count) == 256
@@ -239,7 +242,7 @@ def test_trains_far_above_chance_and_resumes_exactly(toy_data, tmp_path):
     assert metrics["rsum"] > 3 * chance_metrics(25, 125)["rsum"], metrics
 
     # Stopped after single batches mid-epoch (staged fragments in the checkpoint), then run on.
-    budget = load_config("member", [*SMALL_RUN, "train.epochs=4", "train.max_minutes=1e-9"])
+    budget = load_config("member", [*SMALL_RUN, *kind, "train.epochs=4", "train.max_minutes=1e-9"])
     result = train(budget, toy_data, tmp_path / "cut", progress=False)
     for _ in range(2):
         assert result.stopped_early
@@ -254,7 +257,9 @@ def test_trains_far_above_chance_and_resumes_exactly(toy_data, tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"member_bank": "fifo"}, "model.member_bank='fifo' is not one of queue, learned"),
+        ({"member_bank": "fifo"}, "model.member_bank='fifo' is not one of queue, learned, kmeans"),
+        ({"member_fusion": "sum"}, "model.member_fusion='sum' is not one of residual, fragments"),
+        ({"member_ema": 1.0}, "model.member_ema=1.0 must lie in [0, 1)"),
         ({"member_pool": "max"}, "model.member_pool='max' is not one of mean, attention"),
         ({"member_bank_size": 0}, "model.member_bank_size=0 must be a positive integer"),
         ({"member_bank_size": 2.5}, "model.member_bank_size=2.5 must be a positive integer"),
@@ -277,3 +282,81 @@ def test_defaults_and_older_configs():
         "mean",
     )
     assert load_config("vsepp").model.member_bank == "queue"
+
+
+def _pair(text_pool: str):
+    """A fresh residual MEMBER and a VSE++ holding the same encoder weights."""
+    torch.manual_seed(3)
+    member = build_model("member", **{**SMALL, "member_fusion": "residual", "text_pool": text_pool})
+    vsepp = build_model("vsepp", **{**SMALL, "text_pool": text_pool})
+    vsepp.image_encoder.load_state_dict(member.image_encoder.state_dict())
+    vsepp.text_encoder.load_state_dict(member.text_encoder.state_dict())
+    return member, vsepp
+
+
+@pytest.mark.parametrize("text_pool", ["last", "mean"])
+@pytest.mark.parametrize("bank", ["queue", "kmeans", "learned"])
+def test_a_closed_gate_scores_exactly_as_vsepp(bank, text_pool):
+    member, vsepp = _pair(text_pool)
+    if bank != "queue":
+        member = build_model(
+            "member",
+            **{**SMALL, "member_fusion": "residual", "member_bank": bank, "text_pool": text_pool},
+        )
+        member.image_encoder.load_state_dict(vsepp.image_encoder.state_dict())
+        member.text_encoder.load_state_dict(vsepp.text_encoder.state_dict())
+    member.train()
+    for step in range(3):  # the banks fill; the closed gate keeps them out of the score
+        features, tokens = _batch(step, n_images=3, lengths=torch.tensor([2, 5, 3]))
+        lengths = torch.tensor([2, 5, 3])
+        ours = member.similarity(
+            member.encode_images(features), member.encode_captions(tokens, lengths)
+        )
+        theirs = vsepp.similarity(
+            vsepp.encode_images(features), vsepp.encode_captions(tokens, lengths)
+        )
+        assert torch.equal(ours, theirs)
+    if bank != "learned":
+        assert int(member.text_bank_count) > 0  # not an empty bank's trivial zero
+    with torch.no_grad():
+        member.image_gate.fill_(0.5)
+    features, tokens = _batch(9, n_images=3, lengths=torch.tensor([2, 5, 3]))
+    assert not torch.equal(member.encode_images(features), vsepp.encode_images(features))
+
+
+def test_the_recalled_memory_matches_a_plain_loop():
+    """Each real word attends over the bank (clipped l2 norm over the caption's words, softmax
+    over slots with λ); the caption recalls the slots by its words' mean attention."""
+    member, _ = _pair("last")
+    bank = torch.nn.functional.normalize(torch.randn(7, SMALL["embed_dim"]), dim=-1)
+    words = torch.nn.functional.normalize(torch.randn(2, 4, SMALL["embed_dim"]), dim=-1)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    got = member.recall(words, bank, 9.0, mask)
+    for k in range(2):
+        real = words[k, mask[k]]
+        scores = torch.nn.functional.leaky_relu(real @ bank.T, 0.1)
+        scores = scores / (scores.norm(dim=0, keepdim=True) + 1e-8)
+        weights = torch.softmax(9.0 * scores, dim=1)
+        assert torch.allclose(got[k], weights.mean(0) @ bank, atol=1e-6)
+    assert torch.equal(member.recall(words, bank[:0], 9.0, mask), torch.zeros(2, 8))
+
+
+def test_kmeans_update_matches_a_plain_loop():
+    gen = torch.Generator().manual_seed(5)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)  # noqa: E731
+    bank = torch.zeros(4, 3)
+    filled = kmeans_update(bank, 0, unit(3, 3), 0.9)  # fills three of four slots
+    assert filled == 3
+    expected = bank.clone()
+    batch = unit(6, 3)
+    filled = kmeans_update(bank, filled, batch, 0.9)
+    # The loop: the first fragment fills the empty slot, the others go to their nearest.
+    expected[3] = batch[0]
+    groups: dict[int, list[torch.Tensor]] = {}
+    for x in batch[1:]:
+        best = max(range(4), key=lambda c: float(x @ expected[c]))
+        groups.setdefault(best, []).append(x)
+    for c, members in groups.items():
+        moved = 0.9 * expected[c] + 0.1 * torch.stack(members).mean(0)
+        expected[c] = moved / moved.norm()
+    assert filled == 4 and torch.allclose(bank, expected, atol=1e-6)

@@ -125,8 +125,8 @@ def _sharded_worker(rank, pg, out, data):
 
 def _score_three_batches(data):
     """Per model: the score matrices of three consecutive training batches of 30 (31, 29 for
-    the uneven split) and MEMBER's queue after them; no optimizer step, so any difference is
-    the sharding's."""
+    the uneven split) and MEMBER's queue or k-means bank after them; no optimizer step, so any
+    difference is the sharding's."""
     from imram.data import PrecompDataset, Vocabulary, collate
     from imram.models import build_model
     from imram.training.batch import batch_scores
@@ -134,10 +134,12 @@ def _score_three_batches(data):
     vocab = Vocabulary.from_caption_files([data / "train_caps.txt"], 1)
     dataset = PrecompDataset(data, "train", vocab)
     results = {}
-    for name in ("imram_full", "scan_t2i", "vsepp", "member"):
+    variants = {"member_kmeans": ("member", {"member_bank": "kmeans"})}
+    for name in ("imram_full", "scan_t2i", "vsepp", "member", "member_kmeans"):
         torch.manual_seed(0)
         dims = dict(vocab_size=len(vocab), word_dim=16, img_dim=32, embed_dim=32)
-        model = build_model(name, **dims, member_bank_size=64).train()
+        model_name, extra = variants.get(name, (name, {}))
+        model = build_model(model_name, **dims, member_bank_size=64, **extra).train()
         scores = []
         for start, size in ((0, 30), (30, 31), (61, 29)):
             batch = collate([dataset[j] for j in range(start, start + size)])

@@ -8,26 +8,32 @@ that is our choice, and each choice is a config option so that the alternatives 
 
 - **Memorize** (``member_bank``, ``member_bank_size`` S): ``queue`` keeps per modality a FIFO of
   the S most recent detached unit fragment vectors (regions; real words only) of training
-  batches, in buffers saved with the weights; ``learned`` keeps S trained slots per modality.
+  batches, in buffers saved with the weights; ``kmeans`` keeps S centroids of every fragment
+  seen in training (online k-means, :func:`kmeans_update`: a global summary, not the latest
+  batches); ``learned`` keeps S trained slots per modality.
 - **Associate**: every region attends over the text bank and every word over the image bank with
   the cross-modal attention unit (``attn_norm``, ``attn_sim``; λ is ``image_lambda`` for regions
-  and ``lambda_softmax`` for words, the same λ as IMRAM's two directions), and the attended bank
-  vector is fused into the fragment by a memory distillation unit per modality
-  (``aggregator``, ``renorm``).
-- **Match** (``member_pool``): the fused fragments are pooled by their ``mean`` or a learned
-  ``attention`` pooling, L2-normalised, and compared by dot product.
+  and ``lambda_softmax`` for words, the same λ as IMRAM's two directions).
+- **Fuse** (``member_fusion``): ``residual`` (the default) keeps VSE++'s vectors — the mean of
+  the projected regions, the GRU's final state (``text_pool: last``) or word mean — and adds the
+  item's recalled memory (the bank slots weighted by its fragments' mean attention) through a
+  learned gate per dimension that starts closed, so a fresh MEMBER scores exactly as VSE++ with
+  the same weights and the memory must earn its weight in training; ``fragments`` fuses every
+  fragment with its attended slots by a memory distillation unit per modality (``aggregator``,
+  ``renorm``) and pools the fused fragments by their ``mean`` or a learned ``attention``
+  pooling (``member_pool``).
 
 An image's embedding depends only on that image and the bank, a caption's only on that caption
 and the bank, so a gallery is embedded once and searched like VSE++.
 
-The queue is written only in training mode. The fragments of a training step are staged, not
+A queue or k-means bank is written only in training mode. The fragments of a training step are staged, not
 written, and committed when the next training step of either modality begins: the captions of a
 batch then never attend over the regions of their own images (which no test gallery offers), and
 staging happens in ``encode_images`` / ``encode_captions``, so the trainer needs no change. The
 staged fragments are buffers too, so a resumed run continues exactly. A bank with no filled slot
 adds nothing: its fragments pass to pooling unchanged. When ``torchrun`` training splits a batch
 across ranks, each rank stages the whole batch's fragments (gathered in rank order), so every
-rank's queue is the one a single process would hold.
+rank's bank is the one a single process would hold.
 """
 
 from __future__ import annotations
@@ -45,6 +51,36 @@ from imram.models.towers import build_encoders
 from imram.schema import ModelConfig
 
 MODALITIES = ("image", "text")
+# Fragments a kmeans bank may take from one training step (a batch of 128 × 49 regions is
+# 6,272): the step's last ones, beyond the bank's own size.
+KMEANS_STAGED = 4096
+
+
+@torch.no_grad()
+def kmeans_update(bank: Tensor, filled: int, fragments: Tensor, ema: float) -> int:
+    """One online k-means step of ``bank [S, d]`` (its first ``filled`` rows are centroids)
+    with unit ``fragments [n, d]``; returns the new number of centroids.
+
+    Empty slots first take fragments as they come; every other fragment is assigned to its
+    nearest centroid by cosine, and each centroid that got fragments moves to
+    ``ema·c + (1−ema)·mean(its fragments)``, scaled back to unit length, so the bank keeps a
+    summary of every fragment seen in training, not only the latest ones.
+    """
+    size = bank.shape[0]
+    take = min(size - filled, fragments.shape[0])
+    bank[filled : filled + take] = fragments[:take]
+    filled += take
+    rest = fragments[take:]
+    if rest.shape[0] == 0:
+        return filled
+    centroids = bank[:filled]
+    nearest = (rest @ centroids.T).argmax(dim=1)
+    sums = torch.zeros_like(centroids).index_add_(0, nearest, rest)
+    hits = torch.bincount(nearest, minlength=filled)
+    moved = hits > 0
+    means = sums[moved] / hits[moved, None].to(sums.dtype)
+    centroids[moved] = l2norm(ema * centroids[moved] + (1 - ema) * means)
+    return filled
 
 
 class AttentionPool(nn.Module):
@@ -73,18 +109,26 @@ class MEMBER(EmbeddingModel):
         self.config = config
         d, size = config.embed_dim, config.member_bank_size
         self.image_encoder, self.text_encoder = build_encoders(config)
-        self.image_memory = MemoryDistillation(d, config.aggregator, config.renorm)
-        self.text_memory = MemoryDistillation(d, config.aggregator, config.renorm)
-        attention = config.member_pool == "attention"
-        self.region_pool = AttentionPool(d) if attention else None
-        self.word_pool = AttentionPool(d) if attention else None
-        self.uses_queue = config.member_bank == "queue"
+        self.residual = config.member_fusion == "residual"
+        if self.residual:  # closed gates: VSE++'s vectors, untouched, until training opens them
+            self.image_gate = nn.Parameter(torch.zeros(d))
+            self.text_gate = nn.Parameter(torch.zeros(d))
+            self.image_memory = self.text_memory = None
+            self.region_pool = self.word_pool = None
+        else:
+            self.image_memory = MemoryDistillation(d, config.aggregator, config.renorm)
+            self.text_memory = MemoryDistillation(d, config.aggregator, config.renorm)
+            attention = config.member_pool == "attention"
+            self.region_pool = AttentionPool(d) if attention else None
+            self.word_pool = AttentionPool(d) if attention else None
+        self.uses_queue = config.member_bank in ("queue", "kmeans")
+        staged = size if config.member_bank == "queue" else max(size, KMEANS_STAGED)
         for name in MODALITIES:
             if self.uses_queue:
                 self.register_buffer(f"{name}_bank", torch.zeros(size, d))
                 self.register_buffer(f"{name}_bank_ptr", torch.zeros((), dtype=torch.long))
                 self.register_buffer(f"{name}_bank_count", torch.zeros((), dtype=torch.long))
-                self.register_buffer(f"{name}_staged", torch.zeros(size, d))
+                self.register_buffer(f"{name}_staged", torch.zeros(staged, d))
                 self.register_buffer(f"{name}_staged_count", torch.zeros((), dtype=torch.long))
             else:
                 setattr(self, f"{name}_bank", nn.Parameter(l2norm(torch.randn(size, d))))
@@ -117,8 +161,32 @@ class MEMBER(EmbeddingModel):
         weights = attention_from_scores(scores, lam, self.config.attn_norm, query_mask=mask)
         return memory(fragments, attend(weights, context)[0])
 
+    def recall(
+        self, fragments: Tensor, bank: Tensor, lam: float, mask: Tensor | None = None
+    ) -> Tensor:
+        """The bank's answer to an item ``[N, d]``: each real fragment ``[N, n, d]`` attends over
+        ``bank [m, d]`` (the attention unit, as :meth:`associate`), and the item recalls the
+        slots by its fragments' mean attention. Zeros when the bank is empty."""
+        if bank.shape[0] == 0:
+            return fragments.new_zeros(fragments.shape[0], fragments.shape[-1])
+        context = bank.to(fragments.dtype)[None]
+        scores = raw_scores(fragments, context, self.config.attn_sim)
+        weights = attention_from_scores(scores, lam, self.config.attn_norm, query_mask=mask)[0]
+        if mask is None:
+            mean = weights.mean(dim=1)
+        else:
+            mean = masked_mean(weights, mask)
+        return mean.to(context.dtype) @ context[0]
+
     def encode_images(self, features: Tensor) -> Tensor:
         """``[N, R, img_dim]`` → ``[N, d]`` unit image vectors."""
+        if self.residual:
+            projected = self.image_encoder.fc(features)
+            regions = l2norm(projected)
+            self._begin_step("image")
+            memory = self.recall(regions, self.bank("text"), self.config.image_lambda)
+            self._stage("image", regions.reshape(-1, regions.shape[-1]))
+            return l2norm(projected.mean(dim=1) + self.image_gate * memory)
         regions = self.image_encoder(features)
         self._begin_step("image")
         fused = self.associate(
@@ -133,8 +201,14 @@ class MEMBER(EmbeddingModel):
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """``[B, L]`` token ids → ``[B, d]`` unit caption vectors (padding plays no part)."""
-        words, _ = self.text_encoder(tokens, lengths)
+        words, sentence = self.text_encoder(tokens, lengths)
         mask = length_mask(lengths.to(words.device), words.shape[1])
+        if self.residual:
+            base = sentence if self.config.text_pool == "last" else masked_mean(words, mask)
+            self._begin_step("text")
+            memory = self.recall(words, self.bank("image"), self.config.lambda_softmax, mask)
+            self._stage("text", words[mask])
+            return l2norm(base + self.text_gate * memory)
         self._begin_step("text")
         fused = self.associate(
             words, self.bank("image"), self.text_memory, self.config.lambda_softmax, mask
@@ -171,10 +245,18 @@ class MEMBER(EmbeddingModel):
 
     @torch.no_grad()
     def _commit(self, modality: str) -> None:
-        """Write the staged fragments into the FIFO ring at its pointer, oldest slots first."""
+        """Write the staged fragments into the bank: a FIFO ring at its pointer, oldest slots
+        first, or k-means centroids (:func:`kmeans_update`)."""
         count = getattr(self, f"{modality}_staged_count")
         n = int(count)
         if n == 0:
+            return
+        if self.config.member_bank == "kmeans":
+            filled = getattr(self, f"{modality}_bank_count")
+            bank = getattr(self, f"{modality}_bank")
+            staged = getattr(self, f"{modality}_staged")[:n]
+            filled.fill_(kmeans_update(bank, int(filled), staged, self.config.member_ema))
+            count.zero_()
             return
         bank = getattr(self, f"{modality}_bank")
         ptr = getattr(self, f"{modality}_bank_ptr")

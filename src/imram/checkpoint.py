@@ -10,6 +10,7 @@ only ``argparse.Namespace`` and numpy scalar types allowed.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -149,6 +150,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise DataError(f"{path}: no checkpoint here (looked for checkpoint.json, best/, last/)")
 
 
+def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config as written, with the meaning of keys added since: a MEMBER saved
+    before ``model.member_fusion`` existed fused its fragments (``fragments``), whatever the
+    default is now."""
+    config = copy.deepcopy(meta["config"])
+    model = config.get("model", {})
+    if model.get("name") == "member" and "member_fusion" not in model:
+        model["member_fusion"] = "fragments"
+    return config
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / "checkpoint.json").read_text(encoding="utf-8"))
@@ -166,7 +178,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return import_release_checkpoint(path)
     path = resolve_checkpoint(path)
     meta = read_meta(path)
-    config = Config.from_dict(meta["config"], str(path / "checkpoint.json"))
+    config = Config.from_dict(saved_config(meta), str(path / "checkpoint.json"))
     vocab = tokenizer_from_json(meta["vocab"], str(path / "checkpoint.json"))
     model = build_model(config.model)
     weights = path / WEIGHTS_NAME

@@ -4,6 +4,7 @@ semantics, training and exact resume through the standard pipeline, and config e
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from imram.checkpoint import load_checkpoint
 from imram.config import load_config
-from imram.data import PrecompDataset
+from imram.data import PrecompDataset, Vocabulary
 from imram.errors import ConfigError
 from imram.evaluation import evaluate_model
 from imram.metrics import chance_metrics
@@ -360,3 +361,26 @@ def test_kmeans_update_matches_a_plain_loop():
         moved = 0.9 * expected[c] + 0.1 * torch.stack(members).mean(0)
         expected[c] = moved / moved.norm()
     assert filled == 4 and torch.allclose(bank, expected, atol=1e-6)
+
+
+def test_a_member_checkpoint_from_before_fusion_options_loads_as_it_was_trained(tmp_path):
+    """A checkpoint written before ``model.member_fusion`` existed fused fragments: it loads
+    that way (not as today's residual default), scores unchanged."""
+    from imram import files
+    from imram.checkpoint import save_checkpoint
+    from imram.config import Config
+
+    model = _model().eval()
+    config = Config.from_dict({"model": model.config.to_dict()})
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(26))])
+    save_checkpoint(tmp_path / "old", model, config, vocab)
+    meta_path = tmp_path / "old" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop(files.PAYLOAD_KEY)
+    del meta["config"]["model"]["member_fusion"]  # as an older imram wrote it
+    meta_path.write_text(json.dumps(files.sealed(meta)))
+    loaded = load_checkpoint(tmp_path / "old")
+    assert loaded.config.model.member_fusion == "fragments"
+    features, tokens = _batch(4)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_images(features), model.encode_images(features))

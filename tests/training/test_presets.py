@@ -25,12 +25,12 @@ def test_cpu_presets_share_encoders_data_and_validation_size():
     configs = [load_config(p) for p in CPU]
     assert [c.model.name for c in configs] == ["imram_full", "scan_t2i", "vsepp", "member"]
     encoders = {
-        (c.model.img_dim, c.model.embed_dim, c.model.word_dim, c.model.word_vectors)
+        (c.model.img_dim, c.model.embed_dim, c.model.text_encoder, c.model.freeze_text)
         for c in configs
     }
-    assert encoders == {(1280, 256, 50, "glove-6b-50d")}
-    assert all(c.model.freeze_words and c.precision == "auto" for c in configs)
-    assert {(c.data.val_captions, c.data.vocab_glove_top) for c in configs} == {(500, 20000)}
+    assert encoders == {(1280, 256, "minilm", True)}
+    assert all(c.precision == "auto" for c in configs)
+    assert {c.data.val_captions for c in configs} == {500}
     full = configs[0].train
     assert (full.mining, full.mining_shortlist, full.warmup_negatives) == ("shortlist", 4, 4)
     assert [c.train.mining for c in configs[2:]] == ["off", "off"]  # a dot product scores all

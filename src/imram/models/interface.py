@@ -93,3 +93,7 @@ class CrossAttentionModel(RetrievalModel):
     @abstractmethod
     def explain(self, image_emb: Tensor, caption_emb: Tensor, lengths: Tensor) -> dict[str, Any]:
         """Per-branch attention weights and fragment scores of every step, for a block."""
+
+    @abstractmethod
+    def score_terms(self) -> int:
+        """How many averaged cosines (each in [-1, 1]) a score sums: steps × branches."""

@@ -162,22 +162,25 @@ class MEMBER(EmbeddingModel):
         weights = attention_from_scores(scores, lam, self.config.attn_norm, query_mask=mask)
         return memory(fragments, attend(weights, context)[0])
 
+    def slot_attention(
+        self, fragments: Tensor, bank: Tensor, lam: float, mask: Tensor | None = None
+    ) -> Tensor:
+        """Each fragment's attention ``[N, n, m]`` over the slots of ``bank [m, d]`` (the
+        cross-attention unit; ``mask [N, n]`` marks real fragments)."""
+        context = bank.to(fragments.dtype)[None]
+        scores = raw_scores(fragments, context, self.config.attn_sim)
+        return attention_from_scores(scores, lam, self.config.attn_norm, query_mask=mask)[0]
+
     def recall(
         self, fragments: Tensor, bank: Tensor, lam: float, mask: Tensor | None = None
     ) -> Tensor:
-        """The bank's answer to an item ``[N, d]``: each real fragment ``[N, n, d]`` attends over
-        ``bank [m, d]`` (the attention unit, as :meth:`associate`), and the item recalls the
-        slots by its fragments' mean attention. Zeros when the bank is empty."""
+        """The bank's answer to an item ``[N, d]``: the slots weighted by its real fragments'
+        mean :meth:`slot_attention`. Zeros when the bank is empty."""
         if bank.shape[0] == 0:
             return fragments.new_zeros(fragments.shape[0], fragments.shape[-1])
-        context = bank.to(fragments.dtype)[None]
-        scores = raw_scores(fragments, context, self.config.attn_sim)
-        weights = attention_from_scores(scores, lam, self.config.attn_norm, query_mask=mask)[0]
-        if mask is None:
-            mean = weights.mean(dim=1)
-        else:
-            mean = masked_mean(weights, mask)
-        return mean.to(context.dtype) @ context[0]
+        weights = self.slot_attention(fragments, bank, lam, mask)
+        mean = weights.mean(dim=1) if mask is None else masked_mean(weights, mask)
+        return mean.to(fragments.dtype) @ bank.to(fragments.dtype)
 
     def encode_images(self, features: Tensor) -> Tensor:
         """``[N, R, img_dim]`` → ``[N, d]`` unit image vectors."""

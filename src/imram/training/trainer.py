@@ -39,9 +39,11 @@ from imram.errors import ConfigError, DataError, TrainingError
 from imram.evaluation import evaluate_model
 from imram.files import atomic_write_text, check_sealed, is_sibling_of
 from imram.models import build_model
+from imram.models.interface import CrossAttentionModel
 from imram.models.text_transformer import TransformerTextEncoder, cache_token_states
 from imram.precision import autocast, resolve_precision
 from imram.training.batch import batch_scores, mined_batch_loss
+from imram.training.distill import distill_loss, load_teacher
 from imram.training.loss import triplet_loss
 from imram.training.manifest import (
     MANIFEST,
@@ -278,6 +280,7 @@ class _Session:
     state: TrainState
     lead: bool
     world_size: int
+    teacher: CrossAttentionModel | None = None
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -337,6 +340,12 @@ class _Session:
             else:
                 sims = batch_scores(self.model, batch, device, budget, recompute)
                 loss = triplet_loss(sims.float(), tc.margin, hardest)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        taught = batch_scores(self.teacher, batch, device, budget, False)
+                    terms = self.teacher.score_terms()
+                    distill = distill_loss(sims, taught, terms, tc.distill_temperature)
+                    loss = loss + tc.distill_weight * distill
         if not torch.isfinite(loss):
             return None
         trainable = self.trainable
@@ -551,6 +560,9 @@ def _open(
         splits = [(d.captions_path, *d.token_arrays()) for d in (train_set, val_set)]
         cache_token_states(model.text_encoder, splits)
         cached_seconds = time.perf_counter() - start
+    teacher = None
+    if config.train.distill_from:
+        teacher = load_teacher(config.train.distill_from, vocab, config.model.img_dim, device)
     precision = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = _Log(run / "metrics.jsonl" if lead else None)
@@ -590,4 +602,5 @@ def _open(
         state,
         lead,
         world_size,
+        teacher,
     )

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 SMALL = ["model.embed_dim=32", "train.epochs=1", "train.batch_size=64", "data.vocab_glove_top=500"]
 
 
-def test_quickstart_writes_a_report_of_three_models_beside_chance(tmp_path):
+def test_quickstart_writes_a_report_of_four_models_beside_chance(tmp_path):
     out = tmp_path / "quick"
     report = prepare_tuxpaint(
         out / "tuxpaint_precomp", ExtractorConfig(input_size=64, batch_size=64), progress=False
@@ -52,9 +52,9 @@ def test_quickstart_writes_a_report_of_three_models_beside_chance(tmp_path):
     text = result.report_md.read_text()
     assert "| chance |" in text and "Equal training time (Full-IMRAM against VSE++)" in text
     assert "Time to accuracy" in text
-    # Results: header, 3 models, chance; equal time: header, 2 models; time to accuracy:
-    # header, 3 models.
-    assert text.count("\n| ") == 12
+    # Results: header, 4 models, chance; equal time: header, 2 models; time to accuracy:
+    # header, 4 models.
+    assert text.count("\n| ") == 14
     reach = payload["time_to_accuracy"]
     vsepp = next(m for m in payload["models"] if m["model"] == "VSE++")
     assert reach["dev_rsum"] == max(c["val_rsum"] for c in vsepp["curve"])

@@ -1,4 +1,4 @@
-"""``imram quickstart``: prepare the Tux Paint stamps, train three models, report them beside
+"""``imram quickstart``: prepare the Tux Paint stamps, train four models, report them beside
 chance."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def _quickstart(args: argparse.Namespace) -> int:
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``quickstart`` to the ``imram`` command."""
     quick = commands.add_parser(
-        "quickstart", help="prepare Tux Paint, train Full-IMRAM, SCAN t-i and VSE++, compare"
+        "quickstart",
+        help="prepare Tux Paint, train Full-IMRAM, SCAN t-i, VSE++ and MEMBER, compare",
     )
     quick.add_argument("--out", default="runs/quickstart", help="default runs/quickstart")
     quick.add_argument(

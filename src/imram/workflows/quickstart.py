@@ -1,4 +1,5 @@
-"""The main job: prepare the Tux Paint stamps, train Full-IMRAM and its baselines, compare them.
+"""The main job: prepare the Tux Paint stamps, train Full-IMRAM, MEMBER and their baselines,
+compare them.
 
 Everything is real: human descriptions of real pictures, EfficientNet-Lite0 grid features from
 ImageNet weights, GloVe word vectors. The presets are sized for a 2-core CPU; the report puts
@@ -25,6 +26,7 @@ MODELS = (
     ("Full-IMRAM", "quickstart_full_imram"),
     ("SCAN t-i", "quickstart_scan_t2i"),
     ("VSE++", "quickstart_vsepp"),
+    ("MEMBER", "quickstart_member"),
 )
 
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
+from quickstart_runs import imram, train_and_test
 
 IMAGES = {
     "lite0_224": ("efficientnet_lite0", 224),
@@ -40,11 +38,6 @@ TEXT_NAMES = {
 }
 
 
-def _imram(*args: str) -> None:
-    command = [sys.executable, "-m", "imram", *args]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def _prepare(out: Path, option: str) -> tuple[Path, float]:
     backbone, size = IMAGES[option]
     folder = out / f"tuxpaint_{option}"
@@ -52,51 +45,22 @@ def _prepare(out: Path, option: str) -> tuple[Path, float]:
     if not timing.is_file():
         start = time.perf_counter()
         command = ["prepare", "tuxpaint", "--out", str(folder), "--backbone", backbone]
-        _imram(*command, "--input-size", str(size), "--no-progress", "--overwrite")
+        imram(*command, "--input-size", str(size), "--no-progress", "--overwrite")
         timing.write_text(f"{time.perf_counter() - start}\n")
     return folder, float(timing.read_text())
 
 
 def _run(data: Path, run: Path, model: str, text: str) -> dict[str, float]:
     suffix, overrides = TEXTS[text]
-    sets = [item for o in overrides for item in ("--set", o)]
-    done = run.with_name(run.name + ".done")
-    if not done.is_file():  # a run cut short is trained again from scratch
-        shutil.rmtree(run, ignore_errors=True)
-        _imram(
-            "train",
-            "--config",
-            f"quickstart_{model}{suffix}",
-            "--data",
-            str(data),
-            "--out",
-            str(run),
-            *sets,
-        )
-        done.write_text("")
-    result = run / "test.json"
-    _imram(
-        "evaluate",
-        "--checkpoint",
-        str(run),
-        "--data",
-        str(data),
-        "--split",
-        "test",
-        "--protocol",
-        "1k",
-        "--json",
-        str(result),
-    )
+    tested = train_and_test(f"quickstart_{model}{suffix}", data, run, overrides)
+    last = tested["curve"][-1]
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    vals = [e for e in events if e.get("event") == "val"]
     cache = [e["seconds"] for e in events if e.get("event") == "token_states"]
-    seconds = vals[-1]["train_seconds"]
-    batch = yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"]
-    samples = vals[-1]["iteration"] * batch
+    seconds = last["train_seconds"]
+    samples = last["iteration"] * tested["batch_size"]
     return {
-        "test_rsum": json.loads(result.read_text())["rsum"],
-        "best_dev_rsum": max(e["rsum"] for e in vals),
+        "test_rsum": tested["test_rsum"],
+        "best_dev_rsum": max(c["val_rsum"] for c in tested["curve"]),
         "train_seconds": seconds,
         "cache_seconds": cache[0] if cache else 0.0,
         "samples_per_second": samples / seconds if samples and seconds else float("nan"),

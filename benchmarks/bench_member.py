@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from quickstart_runs import train_and_test
+
 COST_CHILD = """
 import sys, time, torch
 from imram.models import build_model
@@ -88,11 +90,6 @@ def _cost(args: argparse.Namespace) -> None:
             )
 
 
-def _imram(*args: str) -> None:
-    command = [sys.executable, "-m", "imram", *args]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def _accuracy(args: argparse.Namespace) -> None:
     runs = {"vsepp": ("quickstart_vsepp", [])}
     for spec in args.variants:
@@ -103,38 +100,14 @@ def _accuracy(args: argparse.Namespace) -> None:
         for name, (preset, overrides) in runs.items():
             run = args.out / f"{name}_seed{seed}"
             sets = [f"train.seed={seed}", f"train.max_minutes={args.minutes}", *overrides]
-            if not (run / "best" / "checkpoint.json").is_file():
-                _imram(
-                    "train",
-                    "--config",
-                    preset,
-                    "--data",
-                    str(args.data),
-                    "--out",
-                    str(run),
-                    *[x for s in sets for x in ("--set", s)],
-                )
-            _imram(
-                "evaluate",
-                "--checkpoint",
-                str(run),
-                "--data",
-                str(args.data),
-                "--split",
-                "test",
-                "--protocol",
-                "1k",
-                "--json",
-                str(run / "test.json"),
-            )
-            events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            vals = [e for e in events if e.get("event") == "val"]
+            tested = train_and_test(preset, args.data, run, sets)
+            curve = [c["val_rsum"] for c in tested["curve"]]
             row = {
                 "seed": seed,
-                "test_rsum": json.loads((run / "test.json").read_text())["rsum"],
-                "best_dev_rsum": max(e["rsum"] for e in vals),
-                "epochs": len(vals),
-                "dev_curve": [round(e["rsum"], 1) for e in vals],
+                "test_rsum": tested["test_rsum"],
+                "best_dev_rsum": max(curve),
+                "epochs": len(curve),
+                "dev_curve": [round(r, 1) for r in curve],
             }
             results[name].append(row)
             print(name, json.dumps(row), flush=True)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from imram import files
+from imram.data.precomp import pad_captions
 from imram.data.wordpiece import pretrained_dir
 from imram.errors import DataError
 from imram.models.encoders import l2norm, length_mask, masked_mean
@@ -76,10 +77,8 @@ class TokenStates:
         starts = [self._rows.get(cpu[b, :n].tobytes()) for b, n in enumerate(lens)]
         if any(s is None for s in starts):
             return None
-        index = torch.zeros(tokens.shape, dtype=torch.int64)
         mask = length_mask(torch.as_tensor(lens), tokens.shape[1])
-        positions = torch.arange(tokens.shape[1])
-        index += torch.tensor(starts)[:, None] + positions[None]
+        index = torch.tensor(starts)[:, None] + torch.arange(tokens.shape[1])[None]
         index = torch.where(mask, index, 0)
         out = self.states[index.reshape(-1)].reshape(*tokens.shape, -1)
         return out.masked_fill(~mask[..., None], 0.0).to(tokens.device)
@@ -155,11 +154,7 @@ def compute_token_states(
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(order), batch):
         members = order[start : start + batch]
-        longest = int(lengths[members].max())
-        tokens = torch.zeros(len(members), longest, dtype=torch.int64)
-        for row, n in enumerate(members):
-            tokens[row, : lengths[n]] = torch.from_numpy(ids[offsets[n] : offsets[n + 1]])
-        lens = torch.from_numpy(lengths[members])
+        tokens, lens = pad_captions([ids[offsets[n] : offsets[n + 1]] for n in members])
         states = encoder.token_states(tokens.to(device), lens.to(device)).float().cpu()
         for row, n in enumerate(members):
             out[offsets[n] : offsets[n + 1]] = states[row, : lengths[n]]

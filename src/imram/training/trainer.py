@@ -558,7 +558,11 @@ def _open(
     if isinstance(model.text_encoder, TransformerTextEncoder) and model.text_encoder.frozen:
         start = time.perf_counter()
         splits = [(d.captions_path, *d.token_arrays()) for d in (train_set, val_set)]
-        cache_token_states(model.text_encoder, splits)
+        if lead:  # rank 0 computes and writes the cache files; the other ranks then read them
+            cache_token_states(model.text_encoder, splits)
+        barrier()
+        if not lead:
+            cache_token_states(model.text_encoder, splits)
         cached_seconds = time.perf_counter() - start
     teacher = None
     if config.train.distill_from:

@@ -152,12 +152,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's config as written, with the meaning of keys added since: a MEMBER saved
-    before ``model.member_fusion`` existed fused its fragments (``fragments``), whatever the
-    default is now."""
+    before ``model.member_fusion`` existed fused its fragments (``fragments``), and one saved
+    before ``model.member_memory`` existed added its memory ``raw``, whatever the defaults are
+    now."""
     config = copy.deepcopy(meta["config"])
     model = config.get("model", {})
     if model.get("name") == "member" and "member_fusion" not in model:
         model["member_fusion"] = "fragments"
+    if model.get("name") == "member" and "member_memory" not in model:
+        model["member_memory"] = "raw"
     return config
 
 

@@ -21,6 +21,7 @@ WORD_VECTORS = ("", "glove-6b-50d")
 TEXT_ENCODERS = ("gru", "minilm")
 MEMBER_BANKS = ("queue", "learned", "kmeans")
 MEMBER_FUSIONS = ("residual", "fragments")
+MEMBER_MEMORIES = ("relative", "raw")
 MEMBER_POOLS = ("mean", "attention")
 
 
@@ -68,6 +69,10 @@ class ModelConfig:
     # (the gate starts closed: a fresh MEMBER scores as VSE++ with the same weights);
     # "fragments" fuses every fragment with its attended slots, then pools.
     member_fusion: str = "residual"
+    # How the recalled memory m enters a residual: "relative" adds g ⊙ ‖v‖·m/‖m‖, so a gate value
+    # is the memory's share of the vector v's length; "raw" adds g ⊙ m as recalled (‖m‖ is
+    # ~1 % of ‖v‖ with diffuse attention, so the gate must grow ~100x before the memory counts).
+    member_memory: str = "relative"
     # kmeans banks: each centroid moves to ema·centroid + (1−ema)·mean of its new fragments.
     member_ema: float = 0.99
 
@@ -86,6 +91,7 @@ class ModelConfig:
             "member_bank": MEMBER_BANKS,
             "member_pool": MEMBER_POOLS,
             "member_fusion": MEMBER_FUSIONS,
+            "member_memory": MEMBER_MEMORIES,
             "text_encoder": TEXT_ENCODERS,
         }
         for key, allowed in choices.items():

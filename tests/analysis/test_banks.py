@@ -14,7 +14,8 @@ import torch
 from imram.analysis.banks import bank_statistics
 from imram.checkpoint import save_checkpoint
 from imram.config import Config
-from imram.data import Vocabulary
+from imram.data import PrecompDataset, Vocabulary
+from imram.evaluation import evaluate_model
 from imram.models import build_model
 
 
@@ -41,6 +42,9 @@ def test_the_command_reports_a_member_checkpoint(toy_data, tmp_path):
         member_bank="learned",
         member_bank_size=12,
     )
+    with torch.no_grad():  # gates of one value c: relative memory adds c × the vector's length
+        model.image_gate.fill_(0.1)
+        model.text_gate.fill_(-0.2)
     save_checkpoint(
         tmp_path / "ck", model, Config.from_dict({"model": model.config.to_dict()}), vocab
     )
@@ -62,9 +66,19 @@ def test_the_command_reports_a_member_checkpoint(toy_data, tmp_path):
     payload = json.loads((tmp_path / "out" / "banks.json").read_text())
     for stats in payload["banks"].values():
         assert 0.0 <= stats["entropy_share"] <= 1.0 and 0.0 < stats["favoured_slots"] <= 1.0
-    assert payload["gates"] == {"image": 0.0, "text": 0.0}  # closed from the start
+    assert payload["gates"] == pytest.approx({"image": 0.1, "text": 0.2})
+    assert payload["memory_share"] == pytest.approx({"image": 0.1, "text": 0.2}, rel=1e-4)
+    assert "share of the vector (mean ‖added‖ / ‖VSE++'s‖): image 10.00%, text 20.00%" in (
+        (tmp_path / "out" / "report.md").read_text()
+    )
     assert all(set(s["words"]) <= set(vocab.words) for s in payload["image_bank_slots"])
     vsepp = build_model("vsepp", vocab_size=len(vocab), img_dim=32, embed_dim=16, word_dim=8)
+    vsepp.image_encoder.load_state_dict(model.image_encoder.state_dict())
+    vsepp.text_encoder.load_state_dict(model.text_encoder.state_dict())
+    test = PrecompDataset(toy_data, "test", vocab)
+    closed, _, _ = evaluate_model(vsepp, test, "1k")
+    trained, _, _ = evaluate_model(model, test, "1k")
+    assert payload["rsum"] == {"trained": trained["rsum"], "gates_closed": closed["rsum"]}
     save_checkpoint(
         tmp_path / "v", vsepp, Config.from_dict({"model": vsepp.config.to_dict()}), vocab
     )

@@ -260,6 +260,7 @@ def test_trains_far_above_chance_and_resumes_exactly(bank, toy_data, tmp_path):
     [
         ({"member_bank": "fifo"}, "model.member_bank='fifo' is not one of queue, learned, kmeans"),
         ({"member_fusion": "sum"}, "model.member_fusion='sum' is not one of residual, fragments"),
+        ({"member_memory": "scaled"}, "model.member_memory='scaled' is not one of relative, raw"),
         ({"member_ema": 1.0}, "model.member_ema=1.0 must lie in [0, 1)"),
         ({"member_pool": "max"}, "model.member_pool='max' is not one of mean, attention"),
         ({"member_bank_size": 0}, "model.member_bank_size=0 must be a positive integer"),
@@ -295,14 +296,21 @@ def _pair(text_pool: str):
     return member, vsepp
 
 
+@pytest.mark.parametrize("memory", ["relative", "raw"])
 @pytest.mark.parametrize("text_pool", ["last", "mean"])
 @pytest.mark.parametrize("bank", ["queue", "kmeans", "learned"])
-def test_a_closed_gate_scores_exactly_as_vsepp(bank, text_pool):
+def test_a_closed_gate_scores_exactly_as_vsepp(bank, text_pool, memory):
     member, vsepp = _pair(text_pool)
-    if bank != "queue":
+    if (bank, memory) != ("queue", "relative"):
         member = build_model(
             "member",
-            **{**SMALL, "member_fusion": "residual", "member_bank": bank, "text_pool": text_pool},
+            **{
+                **SMALL,
+                "member_fusion": "residual",
+                "member_bank": bank,
+                "member_memory": memory,
+                "text_pool": text_pool,
+            },
         )
         member.image_encoder.load_state_dict(vsepp.image_encoder.state_dict())
         member.text_encoder.load_state_dict(vsepp.text_encoder.state_dict())
@@ -323,6 +331,40 @@ def test_a_closed_gate_scores_exactly_as_vsepp(bank, text_pool):
         member.image_gate.fill_(0.5)
     features, tokens = _batch(9, n_images=3, lengths=torch.tensor([2, 5, 3]))
     assert not torch.equal(member.encode_images(features), vsepp.encode_images(features))
+
+
+@pytest.mark.parametrize("memory", ["relative", "raw"])
+def test_an_open_gate_adds_the_memory_as_written(memory):
+    """image = l2(mean of projected regions + g ⊙ m'), caption = l2(GRU state + g ⊙ m'), with
+    m' the recalled memory m as is (raw) or m/‖m‖ scaled to the base vector's length
+    (relative)."""
+    torch.manual_seed(4)
+    member = build_model(
+        "member",
+        **{**SMALL, "member_fusion": "residual", "member_bank": "learned", "member_memory": memory},
+    ).eval()
+    with torch.no_grad():
+        member.image_gate.uniform_(-0.5, 0.5)
+        member.text_gate.uniform_(-0.5, 0.5)
+    features, tokens = _batch(2, n_images=3, lengths=torch.tensor([2, 5, 3]))
+    lengths = torch.tensor([2, 5, 3])
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
+
+    def fused(base, gate, memory_vector):
+        if memory == "relative":
+            memory_vector = unit(memory_vector) * base.norm(dim=-1, keepdim=True)
+        return unit(base + gate * memory_vector)
+
+    with torch.no_grad():
+        projected = member.image_encoder.fc(features)
+        recalled = member.recall(unit(projected), member.bank("text"), member.config.image_lambda)
+        expected = fused(projected.mean(1), member.image_gate, recalled)
+        assert torch.allclose(member.encode_images(features), expected, atol=1e-6)
+        words, sentence = member.text_encoder(tokens, lengths)
+        mask = torch.arange(words.shape[1])[None] < lengths[:, None]
+        recalled = member.recall(words, member.bank("image"), member.config.lambda_softmax, mask)
+        expected = fused(sentence, member.text_gate, recalled)
+        assert torch.allclose(member.encode_captions(tokens, lengths), expected, atol=1e-6)
 
 
 def test_the_recalled_memory_matches_a_plain_loop():
@@ -384,3 +426,34 @@ def test_a_member_checkpoint_from_before_fusion_options_loads_as_it_was_trained(
     features, tokens = _batch(4)
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_images(features), model.encode_images(features))
+
+
+def test_a_residual_checkpoint_from_before_memory_options_adds_its_memory_raw(tmp_path):
+    """A residual MEMBER written before ``model.member_memory`` existed added the recalled
+    memory as is: it loads as ``raw`` (not today's ``relative``), scores unchanged."""
+    from imram import files
+    from imram.checkpoint import save_checkpoint
+    from imram.config import Config
+
+    torch.manual_seed(6)
+    overrides = {"member_fusion": "residual", "member_bank": "learned", "member_memory": "raw"}
+    model = build_model("member", **{**SMALL, **overrides}).eval()
+    with torch.no_grad():
+        model.image_gate.fill_(0.3)
+    config = Config.from_dict({"model": model.config.to_dict()})
+    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(26))])
+    save_checkpoint(tmp_path / "old", model, config, vocab)
+    meta_path = tmp_path / "old" / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta.pop(files.PAYLOAD_KEY)
+    del meta["config"]["model"]["member_memory"]  # as an older imram wrote it
+    meta_path.write_text(json.dumps(files.sealed(meta)))
+    loaded = load_checkpoint(tmp_path / "old")
+    assert loaded.config.model.member_memory == "raw"
+    features, _ = _batch(4)
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_images(features), model.encode_images(features))
+        model.config.member_memory = "relative"  # the other reading scores differently
+        assert not torch.allclose(
+            loaded.model.encode_images(features), model.encode_images(features)
+        )

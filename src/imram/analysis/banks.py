@@ -5,8 +5,11 @@ changes no ranking. For each bank this reports, over a split's fragments (words 
 the image bank, regions over the text bank): the mean entropy of a fragment's attention as a
 share of the uniform ``log S`` (1.0: uniform), the share of slots that are some fragment's
 favourite, and for the image bank the words that attend most to each of its busiest slots
-(the text bank's slots are described by the images whose regions favour them). The residual
-gates' mean magnitude says how much of the memory reaches the embeddings.
+(the text bank's slots are described by the images whose regions favour them). For the
+residual form, the gates' mean magnitude and the memory's share of each vector (the mean of
+‖added memory‖ / ‖VSE++'s vector‖ over the split's items) say how much of the memory reaches
+the embeddings, and the split's rsum with the gates closed (VSE++'s vectors of the same
+weights) against its rsum as trained says what the memory does for retrieval.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from imram.checkpoint import load_checkpoint
 from imram.data import PrecompDataset, pad_captions
 from imram.devices import default_device
 from imram.errors import ConfigError
+from imram.evaluation import evaluate_model
 from imram.models.encoders import length_mask
 from imram.models.member import MEMBER, MODALITIES
 
@@ -79,7 +83,7 @@ def bank_analysis(
     image_bank, text_bank = model.bank("image"), model.bank("text")
     if image_bank.shape[0] == 0 or text_bank.shape[0] == 0:
         raise ConfigError(f"{loaded.path}: its banks are empty (a model that never trained)")
-    word_weights, word_ids = [], []
+    word_weights, word_ids, shares = [], [], {name: [] for name in MODALITIES}
     for start in range(0, dataset.num_captions, BATCH):
         ids = [
             dataset.caption_tokens(j)
@@ -91,10 +95,17 @@ def bank_analysis(
         weights = model.slot_attention(words, image_bank, cfg.lambda_softmax, mask)
         word_weights.append(weights[mask].cpu())
         word_ids.append(tokens.to(device)[mask].cpu())
+        if model.residual:
+            base, added, _, _ = model.caption_terms(tokens.to(device), lengths.to(device))
+            shares["text"].append((added.norm(dim=-1) / base.norm(dim=-1)).cpu())
     region_weights, favourite_images = [], []
     for start in range(0, dataset.num_images, BATCH):
         rows = list(range(start, min(start + BATCH, dataset.num_images)))
-        regions = model.image_encoder(dataset.images(rows).to(device))
+        features = dataset.images(rows).to(device)
+        regions = model.image_encoder(features)
+        if model.residual:
+            base, added, _ = model.image_terms(features)
+            shares["image"].append((added.norm(dim=-1) / base.norm(dim=-1)).cpu())
         weights = model.slot_attention(regions, text_bank, cfg.image_lambda).cpu()
         region_weights.append(weights.reshape(-1, weights.shape[-1]))
         favourite_images += [
@@ -107,9 +118,11 @@ def bank_analysis(
         "image bank (words attend)": bank_statistics(words_w),
         "text bank (regions attend)": bank_statistics(regions_w),
     }
-    gates = {}
+    gates, memory_share, rsum = {}, {}, {}
     if model.residual:
         gates = {name: float(getattr(model, f"{name}_gate").abs().mean()) for name in MODALITIES}
+        memory_share = {name: float(torch.cat(shares[name]).mean()) for name in MODALITIES}
+        rsum = _rsum_with_and_without_memory(model, dataset, device)
     lines = ["| bank | slots | entropy / log S | favoured slots |", "|---|---:|---:|---:|"]
     sizes = (len(image_bank), len(text_bank))
     for (name, values), size in zip(stats.items(), sizes, strict=True):
@@ -128,7 +141,17 @@ def bank_analysis(
             "",
             table,
             "",
-            *([_gates_line(gates), ""] if gates else []),
+            *([_gates_line(gates, memory_share), ""] if gates else []),
+            *(
+                [
+                    f"Retrieval on this split (1k protocol): rsum {rsum['trained']:.1f} as "
+                    f"trained, {rsum['gates_closed']:.1f} with the gates closed (VSE++'s vectors "
+                    "of the same weights).",
+                    "",
+                ]
+                if rsum
+                else []
+            ),
             "Busiest image-bank slots and the words that attend to them most:",
             "",
             *[_slot_line(slot) for slot in slot_words],
@@ -144,11 +167,30 @@ def bank_analysis(
         "split": split,
         "banks": stats,
         "gates": gates,
+        "memory_share": memory_share,
+        "rsum": rsum,
         "image_bank_slots": slot_words,
         "text_bank_favourites": dict(by_slot.most_common()),
     }
     written = write_report_files(Path(out), "banks.json", payload, text)
     return BankResult(table=table, **written)
+
+
+def _rsum_with_and_without_memory(
+    model: MEMBER, dataset: PrecompDataset, device: str
+) -> dict[str, float]:
+    """The split's rsum as trained and with both residual gates closed (restored after)."""
+    trained, _, _ = evaluate_model(model, dataset, "1k", device=device)
+    gates = [model.image_gate, model.text_gate]
+    kept = [gate.detach().clone() for gate in gates]
+    try:
+        for gate in gates:
+            gate.zero_()
+        closed, _, _ = evaluate_model(model, dataset, "1k", device=device)
+    finally:
+        for gate, value in zip(gates, kept, strict=True):
+            gate.copy_(value)
+    return {"trained": trained["rsum"], "gates_closed": closed["rsum"]}
 
 
 def _slot_words(
@@ -169,8 +211,12 @@ def _slot_words(
     return out
 
 
-def _gates_line(gates: dict[str, float]) -> str:
-    return f"Residual gates, mean |g|: image {gates['image']:.4f}, text {gates['text']:.4f}."
+def _gates_line(gates: dict[str, float], share: dict[str, float]) -> str:
+    return (
+        f"Residual gates, mean |g|: image {gates['image']:.4f}, text {gates['text']:.4f}; the "
+        f"memory's share of the vector (mean ‖added‖ / ‖VSE++'s‖): image {share['image']:.2%}, "
+        f"text {share['text']:.2%}."
+    )
 
 
 def _slot_line(slot: dict[str, Any]) -> str:

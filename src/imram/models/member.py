@@ -18,7 +18,10 @@ that is our choice, and each choice is a config option so that the alternatives 
   the projected regions, the GRU's final state (``text_pool: last``) or word mean — and adds the
   item's recalled memory (the bank slots weighted by its fragments' mean attention) through a
   learned gate per dimension that starts closed, so a fresh MEMBER scores exactly as VSE++ with
-  the same weights and the memory must earn its weight in training; ``fragments`` fuses every
+  the same weights and the memory must earn its weight in training (``member_memory``:
+  ``relative`` scales the memory to the vector's length first, so a gate value is the memory's
+  share of it; ``raw`` adds it as recalled, which with diffuse attention is about 1 % of that
+  length); ``fragments`` fuses every
   fragment with its attended slots by a memory distillation unit per modality (``aggregator``,
   ``renorm``) and pools the fused fragments by their ``mean`` or a learned ``attention``
   pooling (``member_pool``).
@@ -182,15 +185,45 @@ class MEMBER(EmbeddingModel):
         mean = weights.mean(dim=1) if mask is None else masked_mean(weights, mask)
         return mean.to(fragments.dtype) @ bank.to(fragments.dtype)
 
+    def _added(self, base: Tensor, gate: Tensor, memory: Tensor) -> Tensor:
+        """What the residual adds to VSE++'s vector ``base [N, d]``: ``gate ⊙ memory``, the
+        memory first scaled to ``base``'s length under ``member_memory: relative``. A closed
+        gate adds exact zeros, so the embedding is VSE++'s bit for bit."""
+        if self.config.member_memory == "relative":
+            memory = l2norm(memory) * torch.linalg.vector_norm(base, dim=-1, keepdim=True)
+        return gate * memory
+
+    def image_terms(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The residual form's parts for images ``[N, R, img_dim]``: VSE++'s vector (the mean
+        of the projected regions) ``[N, d]``, what the gated memory adds to it ``[N, d]``, and
+        the unit regions ``[N, R, d]`` (what the image bank stores). Part of a training step
+        (a queue bank commits the previous step's fragments first)."""
+        projected = self.image_encoder.fc(features)
+        regions = l2norm(projected)
+        self._begin_step("image")
+        memory = self.recall(regions, self.bank("text"), self.config.image_lambda)
+        base = projected.mean(dim=1)
+        return base, self._added(base, self.image_gate, memory), regions
+
+    def caption_terms(
+        self, tokens: Tensor, lengths: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The residual form's parts for captions: VSE++'s vector (the GRU's final state, or
+        the word mean under ``text_pool: mean``) ``[B, d]``, what the gated memory adds
+        ``[B, d]``, the unit words ``[B, L, d]`` and their mask ``[B, L]``."""
+        words, sentence = self.text_encoder(tokens, lengths)
+        mask = length_mask(lengths.to(words.device), words.shape[1])
+        base = sentence if self.config.text_pool == "last" else masked_mean(words, mask)
+        self._begin_step("text")
+        memory = self.recall(words, self.bank("image"), self.config.lambda_softmax, mask)
+        return base, self._added(base, self.text_gate, memory), words, mask
+
     def encode_images(self, features: Tensor) -> Tensor:
         """``[N, R, img_dim]`` → ``[N, d]`` unit image vectors."""
         if self.residual:
-            projected = self.image_encoder.fc(features)
-            regions = l2norm(projected)
-            self._begin_step("image")
-            memory = self.recall(regions, self.bank("text"), self.config.image_lambda)
+            base, added, regions = self.image_terms(features)
             self._stage("image", regions.reshape(-1, regions.shape[-1]))
-            return l2norm(projected.mean(dim=1) + self.image_gate * memory)
+            return l2norm(base + added)
         regions = self.image_encoder(features)
         self._begin_step("image")
         fused = self.associate(
@@ -205,14 +238,12 @@ class MEMBER(EmbeddingModel):
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """``[B, L]`` token ids → ``[B, d]`` unit caption vectors (padding plays no part)."""
-        words, sentence = self.text_encoder(tokens, lengths)
-        mask = length_mask(lengths.to(words.device), words.shape[1])
         if self.residual:
-            base = sentence if self.config.text_pool == "last" else masked_mean(words, mask)
-            self._begin_step("text")
-            memory = self.recall(words, self.bank("image"), self.config.lambda_softmax, mask)
+            base, added, words, mask = self.caption_terms(tokens, lengths)
             self._stage("text", words[mask])
-            return l2norm(base + self.text_gate * memory)
+            return l2norm(base + added)
+        words, _ = self.text_encoder(tokens, lengths)
+        mask = length_mask(lengths.to(words.device), words.shape[1])
         self._begin_step("text")
         fused = self.associate(
             words, self.bank("image"), self.text_memory, self.config.lambda_softmax, mask

@@ -99,6 +99,7 @@ def test_only_training_imports_the_trainer_and_inference_never_reaches_it():
         "imram.retrieval.index_file",
         "imram.retrieval.build",
         "imram.retrieval.two_stage",
+        "imram.retrieval.latency",
         "imram.serving.app",
         "imram.serving.engine",
         "imram.analysis.attention_maps",

@@ -52,9 +52,22 @@ def test_quickstart_writes_a_report_of_four_models_beside_chance(tmp_path):
     text = result.report_md.read_text()
     assert "| chance |" in text and "Equal training time (Full-IMRAM against VSE++)" in text
     assert "Time to accuracy" in text
-    # Results: header, 4 models, chance; equal time: header, 2 models; time to accuracy:
-    # header, 4 models.
-    assert text.count("\n| ") == 14
+    # Results: header, 4 models, two-stage, chance; equal time, Full-IMRAM and MEMBER each
+    # against VSE++: header, 2 models; time to accuracy: header, 4 models.
+    assert text.count("\n| ") == 18
+    assert "Equal training time (MEMBER against VSE++)" in text
+    for model in payload["models"]:
+        assert model["samples_per_second"] == model["train_samples"] / model["train_seconds"]
+        assert model["query_ms"]["t2i"] > 0 and model["query_ms"]["i2t"] > 0
+        assert model["query_ms"]["queries"] == 50
+    two = payload["two_stage"]
+    assert two["model"] == "MEMBER → Full-IMRAM (top 20)" and two["shortlist"] == 20
+    assert 0 <= two["metrics"]["rsum"] <= 600 and 0 < two["in_shortlist"]["t2i"] <= 100
+    by_name = {m["model"]: m for m in payload["models"]}
+    assert two["train_seconds"] == (
+        by_name["MEMBER"]["train_seconds"] + by_name["Full-IMRAM"]["train_seconds"]
+    )
+    assert f"| {two['model']} |" in text and "ms/query t→i / i→t" in text
     reach = payload["time_to_accuracy"]
     vsepp = next(m for m in payload["models"] if m["model"] == "VSE++")
     assert reach["dev_rsum"] == max(c["val_rsum"] for c in vsepp["curve"])

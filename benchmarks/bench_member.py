@@ -3,16 +3,18 @@ training wall-clock, in one run.
 
 python benchmarks/bench_member.py cost [--batch 32 128 --repeats 3]
 python benchmarks/bench_member.py accuracy [--data runs/quickstart/tuxpaint_precomp
-    --seeds 0 1 2 --minutes 0.25 --out runs/member]
+    --seeds 0 1 2 --minutes 0.25 --out runs/member --baseline quickstart_vsepp
+    --member quickstart_member]
 
 ``cost``: each model's training step (encode a batch, the hinge loss on its scores, backward,
 Adam) and the embedding of a 1,000-image / 5,000-caption gallery without autograd, at d=256,
 49 regions × 1280, captions of 10-25 words, in fresh processes alternating over the models;
 the best of ``--repeats`` counts and the ratio to VSE++ is printed.
-``accuracy``: ``quickstart_vsepp`` and each MEMBER variant (``quickstart_member`` with
-``--set`` overrides) trained with ``train.seed`` = each seed and the same ``train.max_minutes``
-(wall-clock, validation included), then evaluated on the test split: mean test rsum, spread,
-best dev rsum and epochs reached. Variants are ``NAME=key=value,key=value``.
+``accuracy``: the ``--baseline`` preset (VSE++) and each MEMBER variant (the ``--member``
+preset with ``--set`` overrides) trained with ``train.seed`` = each seed and the same
+``train.max_minutes`` (wall-clock, validation included), then evaluated on the test split: mean
+test rsum, spread, best dev rsum and epochs reached, and each variant's differences from VSE++
+of the same seed. Variants are ``NAME=key=value,key=value``.
 """
 
 from __future__ import annotations
@@ -91,10 +93,10 @@ def _cost(args: argparse.Namespace) -> None:
 
 
 def _accuracy(args: argparse.Namespace) -> None:
-    runs = {"vsepp": ("quickstart_vsepp", [])}
+    runs = {"vsepp": (args.baseline, [])}
     for spec in args.variants:
         name, _, rest = spec.partition("=")
-        runs[name] = ("quickstart_member", [kv for kv in rest.split(",") if kv])
+        runs[name] = (args.member, [kv for kv in rest.split(",") if kv])
     results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for seed in args.seeds:
         for name, (preset, overrides) in runs.items():
@@ -121,7 +123,32 @@ def _accuracy(args: argparse.Namespace) -> None:
             f"| {name} | {statistics.mean(tests):.1f} | {min(tests):.1f}-{max(tests):.1f} "
             f"| {statistics.mean(devs):.1f} | {statistics.mean(r['epochs'] for r in rows):.1f} |"
         )
+    print()
+    print(*paired_lines(results), sep="\n")
     (args.out / "member.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+
+
+def paired_lines(results: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Each variant against VSE++ trained with the same seed: the mean difference of test and
+    best dev rsum, and in how many seeds the variant is ahead / level / behind."""
+    base = {r["seed"]: r for r in results["vsepp"]}
+    lines = [
+        "paired with VSE++ of the same seed (difference: mean; seeds ahead/level/behind):",
+        "| model | test rsum | dev rsum |",
+        "|---|---:|---:|",
+    ]
+    for name, rows in results.items():
+        if name == "vsepp":
+            continue
+        cells = []
+        for key in ("test_rsum", "best_dev_rsum"):
+            diffs = [r[key] - base[r["seed"]][key] for r in rows if r["seed"] in base]
+            ahead = sum(d > 1e-6 for d in diffs)
+            behind = sum(d < -1e-6 for d in diffs)
+            level = len(diffs) - ahead - behind
+            cells.append(f"{statistics.mean(diffs):+.1f} ({ahead}/{level}/{behind})")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return lines
 
 
 def main() -> int:
@@ -140,6 +167,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=0.25)
     parser.add_argument("--out", type=Path, default=Path("runs/member"))
+    parser.add_argument("--baseline", default="quickstart_vsepp", help="the VSE++ preset")
+    parser.add_argument("--member", default="quickstart_member", help="the variants' preset")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     _cost(args) if args.what == "cost" else _accuracy(args)

@@ -18,9 +18,13 @@ from imram.training.curves import read_curve
 
 
 def imram(*args: str) -> None:
-    """Run ``imram ARGS`` in a fresh process; its output is dropped, a failure raises."""
+    """Run ``imram ARGS`` in a fresh process; its output is dropped, a failure raises with the
+    command's last error lines."""
     command = [sys.executable, "-m", "imram", *args]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{tail}")
 
 
 def train_and_test(preset: str, data: Path, run: Path, sets: list[str]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ WORD_VECTORS = ("", "glove-6b-50d")
 TEXT_ENCODERS = ("gru", "minilm")
 MEMBER_BANKS = ("queue", "learned", "kmeans")
 MEMBER_FUSIONS = ("residual", "fragments")
-MEMBER_MEMORIES = ("relative", "raw")
+MEMBER_MEMORIES = ("relative", "centered", "raw")
 MEMBER_POOLS = ("mean", "attention")
 
 
@@ -70,8 +70,9 @@ class ModelConfig:
     # "fragments" fuses every fragment with its attended slots, then pools.
     member_fusion: str = "residual"
     # How the recalled memory m enters a residual: "relative" adds g ⊙ ‖v‖·m/‖m‖, so a gate value
-    # is the memory's share of the vector v's length; "raw" adds g ⊙ m as recalled (‖m‖ is
-    # ~1 % of ‖v‖ with diffuse attention, so the gate must grow ~100x before the memory counts).
+    # is the memory's share of the vector v's length; "centered" does the same with m minus the
+    # bank's mean slot (what uniform attention would recall, the same for every item); "raw"
+    # adds g ⊙ m as recalled (‖m‖ is ~1 % of ‖v‖ with diffuse attention).
     member_memory: str = "relative"
     # kmeans banks: each centroid moves to ema·centroid + (1−ema)·mean of its new fragments.
     member_ema: float = 0.99

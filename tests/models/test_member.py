@@ -264,7 +264,10 @@ def test_trains_far_above_chance_and_resumes_exactly(bank, toy_data, tmp_path):
     [
         ({"member_bank": "fifo"}, "model.member_bank='fifo' is not one of queue, learned, kmeans"),
         ({"member_fusion": "sum"}, "model.member_fusion='sum' is not one of residual, fragments"),
-        ({"member_memory": "scaled"}, "model.member_memory='scaled' is not one of relative, raw"),
+        (
+            {"member_memory": "scaled"},
+            "model.member_memory='scaled' is not one of relative, centered, raw",
+        ),
         ({"member_ema": 1.0}, "model.member_ema=1.0 must lie in [0, 1)"),
         ({"member_pool": "max"}, "model.member_pool='max' is not one of mean, attention"),
         ({"member_bank_size": 0}, "model.member_bank_size=0 must be a positive integer"),
@@ -300,7 +303,7 @@ def _pair(text_pool: str):
     return member, vsepp
 
 
-@pytest.mark.parametrize("memory", ["relative", "raw"])
+@pytest.mark.parametrize("memory", ["relative", "centered", "raw"])
 @pytest.mark.parametrize("text_pool", ["last", "mean"])
 @pytest.mark.parametrize("bank", ["queue", "kmeans", "learned"])
 def test_a_closed_gate_scores_exactly_as_vsepp(bank, text_pool, memory):
@@ -337,11 +340,11 @@ def test_a_closed_gate_scores_exactly_as_vsepp(bank, text_pool, memory):
     assert not torch.equal(member.encode_images(features), vsepp.encode_images(features))
 
 
-@pytest.mark.parametrize("memory", ["relative", "raw"])
+@pytest.mark.parametrize("memory", ["relative", "centered", "raw"])
 def test_an_open_gate_adds_the_memory_as_written(memory):
     """image = l2(mean of projected regions + g ⊙ m'), caption = l2(GRU state + g ⊙ m'), with
-    m' the recalled memory m as is (raw) or m/‖m‖ scaled to the base vector's length
-    (relative)."""
+    m' the recalled memory m as is (raw), or m/‖m‖ scaled to the base vector's length
+    (relative), or the same for m minus the bank's mean slot (centered)."""
     torch.manual_seed(4)
     member = build_model(
         "member",
@@ -354,20 +357,24 @@ def test_an_open_gate_adds_the_memory_as_written(memory):
     lengths = torch.tensor([2, 5, 3])
     unit = lambda x: x / x.norm(dim=-1, keepdim=True)  # noqa: E731
 
-    def fused(base, gate, memory_vector):
-        if memory == "relative":
+    def fused(base, gate, memory_vector, bank):
+        if memory == "centered":
+            memory_vector = memory_vector - bank.mean(0)
+        if memory != "raw":
             memory_vector = unit(memory_vector) * base.norm(dim=-1, keepdim=True)
         return unit(base + gate * memory_vector)
 
     with torch.no_grad():
         projected = member.image_encoder.fc(features)
-        recalled = member.recall(unit(projected), member.bank("text"), member.config.image_lambda)
-        expected = fused(projected.mean(1), member.image_gate, recalled)
+        bank = member.bank("text")
+        recalled = member.recall(unit(projected), bank, member.config.image_lambda)
+        expected = fused(projected.mean(1), member.image_gate, recalled, bank)
         assert torch.allclose(member.encode_images(features), expected, atol=1e-6)
         words, sentence = member.text_encoder(tokens, lengths)
         mask = torch.arange(words.shape[1])[None] < lengths[:, None]
-        recalled = member.recall(words, member.bank("image"), member.config.lambda_softmax, mask)
-        expected = fused(sentence, member.text_gate, recalled)
+        bank = member.bank("image")
+        recalled = member.recall(words, bank, member.config.lambda_softmax, mask)
+        expected = fused(sentence, member.text_gate, recalled, bank)
         assert torch.allclose(member.encode_captions(tokens, lengths), expected, atol=1e-6)
 
 

@@ -189,9 +189,17 @@ class MEMBER(EmbeddingModel):
         """What the residual adds to VSE++'s vector ``base [N, d]``: ``gate ⊙ memory``, the
         memory first scaled to ``base``'s length under ``member_memory: relative``. A closed
         gate adds exact zeros, so the embedding is VSE++'s bit for bit."""
-        if self.config.member_memory == "relative":
+        if self.config.member_memory != "raw":
             memory = l2norm(memory) * torch.linalg.vector_norm(base, dim=-1, keepdim=True)
         return gate * memory
+
+    def _recall(self, fragments: Tensor, bank: Tensor, lam: float, mask: Tensor | None) -> Tensor:
+        """:meth:`recall`, less the bank's mean slot under ``member_memory: centered`` (what a
+        uniform attention would recall, the same vector for every item)."""
+        memory = self.recall(fragments, bank, lam, mask)
+        if self.config.member_memory == "centered" and bank.shape[0] > 0:
+            memory = memory - bank.mean(dim=0).to(memory.dtype)
+        return memory
 
     def image_terms(self, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The residual form's parts for images ``[N, R, img_dim]``: VSE++'s vector (the mean
@@ -201,7 +209,7 @@ class MEMBER(EmbeddingModel):
         projected = self.image_encoder.fc(features)
         regions = l2norm(projected)
         self._begin_step("image")
-        memory = self.recall(regions, self.bank("text"), self.config.image_lambda)
+        memory = self._recall(regions, self.bank("text"), self.config.image_lambda, None)
         base = projected.mean(dim=1)
         return base, self._added(base, self.image_gate, memory), regions
 
@@ -215,7 +223,7 @@ class MEMBER(EmbeddingModel):
         mask = length_mask(lengths.to(words.device), words.shape[1])
         base = sentence if self.config.text_pool == "last" else masked_mean(words, mask)
         self._begin_step("text")
-        memory = self.recall(words, self.bank("image"), self.config.lambda_softmax, mask)
+        memory = self._recall(words, self.bank("image"), self.config.lambda_softmax, mask)
         return base, self._added(base, self.text_gate, memory), words, mask
 
     def encode_images(self, features: Tensor) -> Tensor:

@@ -74,6 +74,10 @@ class ModelConfig:
     # bank's mean slot (what uniform attention would recall, the same for every item); "raw"
     # adds g ⊙ m as recalled (‖m‖ is ~1 % of ‖v‖ with diffuse attention).
     member_memory: str = "relative"
+    # The residual gates are this scale times their parameters: under Adam, which moves a
+    # parameter by about lr a step whatever its gradient's size, the gates then open this many
+    # times faster than the other weights move.
+    member_gate_scale: float = 1.0
     # kmeans banks: each centroid moves to ema·centroid + (1−ema)·mean of its new fragments.
     member_ema: float = 0.99
 
@@ -135,6 +139,8 @@ class ModelConfig:
                 f"model.word_vectors={self.word_vectors} gives 50-d vectors; "
                 f"set model.word_dim=50 (got {self.word_dim})"
             )
+        if not self.member_gate_scale > 0:
+            raise ConfigError(f"model.member_gate_scale={self.member_gate_scale!r} must be > 0")
         if not 0 <= self.member_ema < 1:
             raise ConfigError(f"model.member_ema={self.member_ema!r} must lie in [0, 1)")
         if self.lambda_image is not None and not self.lambda_image > 0:

@@ -268,6 +268,7 @@ def test_trains_far_above_chance_and_resumes_exactly(bank, toy_data, tmp_path):
             {"member_memory": "scaled"},
             "model.member_memory='scaled' is not one of relative, centered, raw",
         ),
+        ({"member_gate_scale": 0}, "model.member_gate_scale=0 must be > 0"),
         ({"member_ema": 1.0}, "model.member_ema=1.0 must lie in [0, 1)"),
         ({"member_pool": "max"}, "model.member_pool='max' is not one of mean, attention"),
         ({"member_bank_size": 0}, "model.member_bank_size=0 must be a positive integer"),
@@ -316,6 +317,7 @@ def test_a_closed_gate_scores_exactly_as_vsepp(bank, text_pool, memory):
                 "member_fusion": "residual",
                 "member_bank": bank,
                 "member_memory": memory,
+                "member_gate_scale": 10.0,  # a scaled closed gate adds zeros all the same
                 "text_pool": text_pool,
             },
         )
@@ -340,15 +342,23 @@ def test_a_closed_gate_scores_exactly_as_vsepp(bank, text_pool, memory):
     assert not torch.equal(member.encode_images(features), vsepp.encode_images(features))
 
 
+@pytest.mark.parametrize("scale", [1.0, 10.0])
 @pytest.mark.parametrize("memory", ["relative", "centered", "raw"])
-def test_an_open_gate_adds_the_memory_as_written(memory):
+def test_an_open_gate_adds_the_memory_as_written(memory, scale):
     """image = l2(mean of projected regions + g ⊙ m'), caption = l2(GRU state + g ⊙ m'), with
     m' the recalled memory m as is (raw), or m/‖m‖ scaled to the base vector's length
-    (relative), or the same for m minus the bank's mean slot (centered)."""
+    (relative), or the same for m minus the bank's mean slot (centered); g is the gate
+    parameter times member_gate_scale."""
     torch.manual_seed(4)
     member = build_model(
         "member",
-        **{**SMALL, "member_fusion": "residual", "member_bank": "learned", "member_memory": memory},
+        **{
+            **SMALL,
+            "member_fusion": "residual",
+            "member_bank": "learned",
+            "member_memory": memory,
+            "member_gate_scale": scale,
+        },
     ).eval()
     with torch.no_grad():
         member.image_gate.uniform_(-0.5, 0.5)
@@ -362,7 +372,7 @@ def test_an_open_gate_adds_the_memory_as_written(memory):
             memory_vector = memory_vector - bank.mean(0)
         if memory != "raw":
             memory_vector = unit(memory_vector) * base.norm(dim=-1, keepdim=True)
-        return unit(base + gate * memory_vector)
+        return unit(base + scale * gate * memory_vector)
 
     with torch.no_grad():
         projected = member.image_encoder.fc(features)

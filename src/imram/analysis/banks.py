@@ -120,7 +120,10 @@ def bank_analysis(
     }
     gates, memory_share, rsum = {}, {}, {}
     if model.residual:
-        gates = {name: float(getattr(model, f"{name}_gate").abs().mean()) for name in MODALITIES}
+        scale = cfg.member_gate_scale
+        gates = {
+            name: scale * float(getattr(model, f"{name}_gate").abs().mean()) for name in MODALITIES
+        }
         memory_share = {name: float(torch.cat(shares[name]).mean()) for name in MODALITIES}
         rsum = _rsum_with_and_without_memory(model, dataset, device)
     lines = ["| bank | slots | entropy / log S | favoured slots |", "|---|---:|---:|---:|"]

@@ -20,8 +20,9 @@ that is our choice, and each choice is a config option so that the alternatives 
   learned gate per dimension that starts closed, so a fresh MEMBER scores exactly as VSE++ with
   the same weights and the memory must earn its weight in training (``member_memory``:
   ``relative`` scales the memory to the vector's length first, so a gate value is the memory's
-  share of it; ``raw`` adds it as recalled, which with diffuse attention is about 1 % of that
-  length); ``fragments`` fuses every
+  share of it; ``centered`` subtracts the bank's mean slot first; ``raw`` adds it as recalled,
+  which with diffuse attention is about 1 % of that length; ``member_gate_scale`` multiplies the
+  gate parameters, so that Adam opens them that many times faster); ``fragments`` fuses every
   fragment with its attended slots by a memory distillation unit per modality (``aggregator``,
   ``renorm``) and pools the fused fragments by their ``mean`` or a learned ``attention``
   pooling (``member_pool``).
@@ -191,7 +192,7 @@ class MEMBER(EmbeddingModel):
         gate adds exact zeros, so the embedding is VSE++'s bit for bit."""
         if self.config.member_memory != "raw":
             memory = l2norm(memory) * torch.linalg.vector_norm(base, dim=-1, keepdim=True)
-        return gate * memory
+        return self.config.member_gate_scale * gate * memory
 
     def _recall(self, fragments: Tensor, bank: Tensor, lam: float, mask: Tensor | None) -> Tensor:
         """:meth:`recall`, less the bank's mean slot under ``member_memory: centered`` (what a

@@ -157,10 +157,9 @@ def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
     now."""
     config = copy.deepcopy(meta["config"])
     model = config.get("model", {})
-    if model.get("name") == "member" and "member_fusion" not in model:
-        model["member_fusion"] = "fragments"
-    if model.get("name") == "member" and "member_memory" not in model:
-        model["member_memory"] = "raw"
+    if model.get("name") == "member":
+        model.setdefault("member_fusion", "fragments")
+        model.setdefault("member_memory", "raw")
     return config
 
 

@@ -426,23 +426,29 @@ def test_kmeans_update_matches_a_plain_loop():
     assert filled == 4 and torch.allclose(bank, expected, atol=1e-6)
 
 
-def test_a_member_checkpoint_from_before_fusion_options_loads_as_it_was_trained(tmp_path):
-    """A checkpoint written before ``model.member_fusion`` existed fused fragments: it loads
-    that way (not as today's residual default), scores unchanged."""
+def _saved_without(model, key: str, tmp_path):
+    """``model`` saved as a checkpoint whose config lacks ``model.key`` (as an imram from
+    before that key wrote it, sealed again), then loaded."""
     from imram import files
     from imram.checkpoint import save_checkpoint
     from imram.config import Config
 
-    model = _model().eval()
     config = Config.from_dict({"model": model.config.to_dict()})
     vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(26))])
     save_checkpoint(tmp_path / "old", model, config, vocab)
     meta_path = tmp_path / "old" / "checkpoint.json"
     meta = json.loads(meta_path.read_text())
     meta.pop(files.PAYLOAD_KEY)
-    del meta["config"]["model"]["member_fusion"]  # as an older imram wrote it
+    del meta["config"]["model"][key]
     meta_path.write_text(json.dumps(files.sealed(meta)))
-    loaded = load_checkpoint(tmp_path / "old")
+    return load_checkpoint(tmp_path / "old")
+
+
+def test_a_member_checkpoint_from_before_fusion_options_loads_as_it_was_trained(tmp_path):
+    """A checkpoint written before ``model.member_fusion`` existed fused fragments: it loads
+    that way (not as today's residual default), scores unchanged."""
+    model = _model().eval()
+    loaded = _saved_without(model, "member_fusion", tmp_path)
     assert loaded.config.model.member_fusion == "fragments"
     features, tokens = _batch(4)
     with torch.no_grad():
@@ -452,24 +458,12 @@ def test_a_member_checkpoint_from_before_fusion_options_loads_as_it_was_trained(
 def test_a_residual_checkpoint_from_before_memory_options_adds_its_memory_raw(tmp_path):
     """A residual MEMBER written before ``model.member_memory`` existed added the recalled
     memory as is: it loads as ``raw`` (not today's ``relative``), scores unchanged."""
-    from imram import files
-    from imram.checkpoint import save_checkpoint
-    from imram.config import Config
-
     torch.manual_seed(6)
     overrides = {"member_fusion": "residual", "member_bank": "learned", "member_memory": "raw"}
     model = build_model("member", **{**SMALL, **overrides}).eval()
     with torch.no_grad():
         model.image_gate.fill_(0.3)
-    config = Config.from_dict({"model": model.config.to_dict()})
-    vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", *(f"w{i}" for i in range(26))])
-    save_checkpoint(tmp_path / "old", model, config, vocab)
-    meta_path = tmp_path / "old" / "checkpoint.json"
-    meta = json.loads(meta_path.read_text())
-    meta.pop(files.PAYLOAD_KEY)
-    del meta["config"]["model"]["member_memory"]  # as an older imram wrote it
-    meta_path.write_text(json.dumps(files.sealed(meta)))
-    loaded = load_checkpoint(tmp_path / "old")
+    loaded = _saved_without(model, "member_memory", tmp_path)
     assert loaded.config.model.member_memory == "raw"
     features, _ = _batch(4)
     with torch.no_grad():

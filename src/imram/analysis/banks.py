@@ -89,23 +89,25 @@ def bank_analysis(
             dataset.caption_tokens(j)
             for j in range(start, min(start + BATCH, dataset.num_captions))
         ]
-        tokens, lengths = pad_captions(ids)
-        words, _ = model.text_encoder(tokens.to(device), lengths.to(device))
-        mask = length_mask(lengths.to(device), words.shape[1])
+        tokens, lengths = (t.to(device) for t in pad_captions(ids))
+        if model.residual:  # the words come with the residual's parts: encoded once
+            base, added, words, mask = model.caption_terms(tokens, lengths)
+            shares["text"].append(_share(base, added))
+        else:
+            words, _ = model.text_encoder(tokens, lengths)
+            mask = length_mask(lengths, words.shape[1])
         weights = model.slot_attention(words, image_bank, cfg.lambda_softmax, mask)
         word_weights.append(weights[mask].cpu())
-        word_ids.append(tokens.to(device)[mask].cpu())
-        if model.residual:
-            base, added, _, _ = model.caption_terms(tokens.to(device), lengths.to(device))
-            shares["text"].append((added.norm(dim=-1) / base.norm(dim=-1)).cpu())
+        word_ids.append(tokens[mask].cpu())
     region_weights, favourite_images = [], []
     for start in range(0, dataset.num_images, BATCH):
         rows = list(range(start, min(start + BATCH, dataset.num_images)))
         features = dataset.images(rows).to(device)
-        regions = model.image_encoder(features)
         if model.residual:
-            base, added, _ = model.image_terms(features)
-            shares["image"].append((added.norm(dim=-1) / base.norm(dim=-1)).cpu())
+            base, added, regions = model.image_terms(features)
+            shares["image"].append(_share(base, added))
+        else:
+            regions = model.image_encoder(features)
         weights = model.slot_attention(regions, text_bank, cfg.image_lambda).cpu()
         region_weights.append(weights.reshape(-1, weights.shape[-1]))
         favourite_images += [
@@ -177,6 +179,11 @@ def bank_analysis(
     }
     written = write_report_files(Path(out), "banks.json", payload, text)
     return BankResult(table=table, **written)
+
+
+def _share(base: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """Each item's ‖added memory‖ / ‖VSE++'s vector‖ ``[N]``, on the CPU."""
+    return (added.norm(dim=-1) / base.norm(dim=-1)).cpu()
 
 
 def _rsum_with_and_without_memory(

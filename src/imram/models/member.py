@@ -187,9 +187,9 @@ class MEMBER(EmbeddingModel):
         return mean.to(fragments.dtype) @ bank.to(fragments.dtype)
 
     def _added(self, base: Tensor, gate: Tensor, memory: Tensor) -> Tensor:
-        """What the residual adds to VSE++'s vector ``base [N, d]``: ``gate ⊙ memory``, the
-        memory first scaled to ``base``'s length under ``member_memory: relative``. A closed
-        gate adds exact zeros, so the embedding is VSE++'s bit for bit."""
+        """What the residual adds to VSE++'s vector ``base [N, d]``: ``member_gate_scale ·
+        gate ⊙ memory``, the memory first scaled to ``base``'s length unless ``member_memory``
+        is ``raw``. A closed gate adds exact zeros, so the embedding is VSE++'s bit for bit."""
         if self.config.member_memory != "raw":
             memory = l2norm(memory) * torch.linalg.vector_norm(base, dim=-1, keepdim=True)
         return self.config.member_gate_scale * gate * memory

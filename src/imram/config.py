@@ -4,6 +4,7 @@ data and precision, loaded from presets and YAML files with ``--set`` overrides.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "BRANCHES",
     "MEMBER_BANKS",
     "MEMBER_POOLS",
+    "LR_SCHEDULES",
     "MINING",
     "POOLINGS",
     "PRECISIONS",
@@ -45,6 +47,7 @@ __all__ = [
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MINING = ("exact", "shortlist", "off")
+LR_SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -59,6 +62,11 @@ class TrainConfig:
     text_lr: float = 2e-5
     lr_decay_epochs: int = 15
     lr_decay: float = 0.1
+    # ``step``: lr × lr_decay every lr_decay_epochs (the papers'); ``cosine``: lr × (1 +
+    # cos(π · epoch / epochs)) / 2, set at each epoch's start.
+    lr_schedule: str = "step"
+    # Decoupled weight decay (AdamW's) on every trained weight; 0 is the papers' Adam.
+    weight_decay: float = 0.0
     grad_clip: float = 2.0
     margin: float = 0.2
     hardest_negative: bool = True
@@ -75,6 +83,9 @@ class TrainConfig:
     # autograd), unless train.mining is off.
     warmup_negatives: int = 0
     val_every: int = 0
+    # Early stopping: end the run after this many validations in a row without a better rsum
+    # (best/ keeps the best one); 0 trains every epoch.
+    patience: int = 0
     log_every: int = 10
     seed: int = 0
     max_minutes: float = 0.0
@@ -88,9 +99,19 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # A trained cross-attention checkpoint whose batch scores an embedding model learns beside
     # the hinge loss (training/distill.py): KL of row and column softmaxes at this temperature.
+    # Start from the trained weights of another run (a run folder means its best/) wherever
+    # names and shapes match, e.g. a cross-attention model's fragment encoders from an
+    # embedding model's (training/warm_start.py); ignored on resume.
+    init_from: str = ""
     distill_from: str = ""
     distill_weight: float = 1.0
     distill_temperature: float = 0.05
+
+    def lr_factor(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (0-based) as a multiple of ``lr``."""
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * epoch / self.epochs))
+        return self.lr_decay ** (epoch // self.lr_decay_epochs)
 
     def validate(self) -> None:
         counts = ("epochs", "batch_size", "lr_decay_epochs", "log_every", "max_nonfinite_steps")
@@ -101,6 +122,7 @@ class TrainConfig:
             "warmup_epochs",
             "warmup_negatives",
             "val_every",
+            "patience",
             "max_minutes",
             "checkpoint_every",
         ):
@@ -116,6 +138,12 @@ class TrainConfig:
         for key in ("lr", "text_lr", "score_budget_mb", "distill_temperature"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay={self.weight_decay!r} must be >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"train.lr_schedule={self.lr_schedule!r} must be one of {', '.join(LR_SCHEDULES)}"
+            )
         if self.mining not in MINING:
             raise ConfigError(f"train.mining={self.mining!r} must be one of {', '.join(MINING)}")
 

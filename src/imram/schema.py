@@ -39,11 +39,18 @@ class ModelConfig:
     img_dim: int = 2048
     embed_dim: int = 1024
     gru_layers: int = 1
+    # A residual two-layer MLP beside each fragment projection (regions; word pieces of a
+    # pretrained text encoder), its output layer zero at the start, so a fresh model projects
+    # as the linear map alone: the frozen features' only non-linear trainable part.
+    fragment_mlp: bool = False
     # Caption encoder: "gru" (a Bi-GRU over word embeddings, the papers') or "minilm" (the
     # pretrained all-MiniLM-L6-v2 over word pieces); freeze_text keeps the pretrained
     # transformer fixed (its states cached per caption) instead of fine-tuning it.
     text_encoder: str = "gru"
     freeze_text: bool = True
+    # With a frozen pretrained text encoder: its last N layers train (from their pretrained
+    # weights, at train.text_lr) over the cached states of the layers below.
+    text_tuned_layers: int = 0
     # Word embeddings: "" (random) or "glove-6b-50d" (needs word_dim 50); frozen or trained.
     word_vectors: str = ""
     freeze_words: bool = False
@@ -138,6 +145,15 @@ class ModelConfig:
             raise ConfigError(
                 f"model.word_vectors={self.word_vectors} gives 50-d vectors; "
                 f"set model.word_dim=50 (got {self.word_dim})"
+            )
+        if not isinstance(self.text_tuned_layers, int) or self.text_tuned_layers < 0:
+            raise ConfigError(
+                f"model.text_tuned_layers={self.text_tuned_layers!r} must be an integer >= 0"
+            )
+        if self.text_tuned_layers and (self.text_encoder == "gru" or not self.freeze_text):
+            raise ConfigError(
+                "model.text_tuned_layers trains the top of a frozen pretrained text encoder: "
+                "it needs model.text_encoder other than gru and model.freeze_text true"
             )
         if not self.member_gate_scale > 0:
             raise ConfigError(f"model.member_gate_scale={self.member_gate_scale!r} must be > 0")

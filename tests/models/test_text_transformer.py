@@ -268,3 +268,76 @@ def test_training_uses_the_cache_and_text_lr(tmp_path: Path, toy_data: Path) -> 
     assert isinstance(load_checkpoint(tmp_path / "tuned").vocab, WordPieces)
     assert isinstance(load_checkpoint(tmp_path / "frozen").vocab, WordPieces)
     assert not isinstance(load_checkpoint(tmp_path / "frozen").vocab, Vocabulary)
+
+
+def test_tuned_layers_start_as_the_whole_transformer(tmp_path: Path, pieces, batch) -> None:
+    """The last layers run over the frozen part's (cached) states: at the start, in eval mode,
+    the states equal the plain transformer's, from the cache or not; only those layers train."""
+    plain = _model().text_encoder
+    tuned = _model(text_tuned_layers=2).text_encoder
+    tokens, lengths = batch
+    with torch.no_grad():
+        expected = plain.token_states(tokens, lengths)
+        assert torch.allclose(tuned.token_states(tokens, lengths), expected, atol=1e-5, rtol=0)
+        cache_token_states(tuned, [_split(tmp_path, CAPTIONS, pieces)])
+        tuned.forwards = 0
+        assert torch.allclose(tuned.token_states(tokens, lengths), expected, atol=1e-5, rtol=0)
+        assert tuned.forwards == 0
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()] == [
+        "train_caps.minilm.layer4"
+    ]
+    trained = {n for n, p in tuned.named_parameters() if p.requires_grad}
+    assert trained and all(
+        n.startswith(("fc.", "transformer.encoder.layer.4.", "transformer.encoder.layer.5."))
+        for n in trained
+    )
+    assert any(n.startswith("transformer.encoder.layer.4.") for n in trained)
+    # What the tuned layers learn changes no cached state: the fingerprint covers the rest.
+    before = tuned.fingerprint()
+    with torch.no_grad():
+        tuned.tuned[0].output.dense.weight.add_(0.1)
+    assert tuned.fingerprint() == before
+    with torch.no_grad():
+        tuned.transformer.encoder.layer[3].output.dense.weight.add_(0.1)
+    assert tuned.fingerprint() != before
+
+
+def test_tuned_layers_round_trip_and_config_checks(tmp_path: Path, pieces, batch) -> None:
+    model = _model("vsepp", text_tuned_layers=1, fragment_mlp=True)
+    with torch.no_grad():  # trained weights: a checkpoint must carry them
+        model.text_encoder.tuned[0].output.dense.weight.add_(0.05)
+        model.text_encoder.mlp[2].weight.add_(0.01)
+        model.image_encoder.mlp[2].weight.add_(0.01)
+    config = Config.from_dict({"model": model.config.to_dict()})
+    save_checkpoint(tmp_path / "ck", model, config, pieces)
+    loaded = load_checkpoint(tmp_path / "ck").model
+    tokens, lengths = batch
+    images = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        a = model.similarity(model.encode_images(images), model.encode_captions(tokens, lengths))
+        b = loaded.similarity(loaded.encode_images(images), loaded.encode_captions(tokens, lengths))
+        fresh = _model("vsepp").encode_captions(tokens, lengths)
+    assert torch.equal(a, b)
+    assert not torch.allclose(loaded.encode_captions(tokens, lengths), fresh)
+    with pytest.raises(ConfigError, match="model.text_tuned_layers"):
+        ModelConfig(text_encoder="gru", text_tuned_layers=1)
+    with pytest.raises(ConfigError, match="model.text_tuned_layers"):
+        ModelConfig(text_encoder="minilm", freeze_text=False, text_tuned_layers=1)
+    with pytest.raises(ConfigError, match="has 6 layers"):
+        _model(text_tuned_layers=7)
+
+
+@pytest.mark.parametrize("name", ["vsepp", "imram_full", "member"])
+def test_fragment_mlp_starts_as_the_linear_projection(name: str, batch) -> None:
+    """The residual MLP's output layer starts at zero: a fresh model with it encodes exactly
+    as one without, given the same linear weights."""
+    plain, wide = _model(name), _model(name, fragment_mlp=True)
+    wide.load_state_dict(plain.state_dict(), strict=False)
+    tokens, lengths = batch
+    images = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(wide.encode_images(images), plain.encode_images(images))
+        assert torch.equal(
+            wide.encode_captions(tokens, lengths), plain.encode_captions(tokens, lengths)
+        )
+    assert wide.image_encoder.mlp is not None and wide.text_encoder.mlp is not None

@@ -209,3 +209,25 @@ def test_low_precision_scores_fragments_encoded_in_fp32(toy_data, tmp_path):
         with autocast("bf16", "cpu"):
             score_gallery(checkpoint.model, img, cap, lengths, out=expected)
     assert np.array_equal(sims, expected)
+
+
+def test_patience_stops_after_validations_without_improvement(toy_data, tmp_path):
+    """At a learning rate too small to move a float32 weight the dev rsum never improves on the
+    first validation: patience 2 ends the run after epoch 3 of 10, best/ from epoch 1, and a
+    resume of the stopped run trains nothing more."""
+    config = _config("train.epochs=10", "train.patience=2", "train.lr=1e-12", "model.steps=1")
+    result = train(config, toy_data, tmp_path / "run", progress=False)
+    assert result.plateaued and not result.stopped_early and result.epoch == 3
+    events = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [e["epoch"] for e in events if e["event"] == "val"] == [0, 1, 2]
+    stops = [e for e in events if e["event"] == "early_stop"]
+    assert len(stops) == 1 and stops[0]["epoch"] == 2 and stops[0]["patience"] == 2
+    best = json.loads((tmp_path / "run" / "best" / "checkpoint.json").read_text())
+    assert best["state"]["epoch"] == 0 and best["state"]["stale"] == 0
+    again = train(config, toy_data, tmp_path / "run", resume=True, progress=False)
+    assert again.plateaued and again.iteration == result.iteration
+    longer = _config("train.epochs=10", "train.patience=4", "train.lr=1e-12", "model.steps=1")
+    more = train(longer, toy_data, tmp_path / "run", resume=True, progress=False)
+    assert more.plateaued and more.epoch == 5

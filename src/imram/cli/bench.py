@@ -26,12 +26,15 @@ def _bench(args: argparse.Namespace) -> int:
         low_precision_rsum,
     )
 
+    if args.what == "accuracy":
+        return _accuracy(args)
+    args.split = args.split or "test"
     if args.what == "training" and args.time_to_accuracy:
         print(
             bench_time_to_accuracy(
                 args.time_to_accuracy,
                 tuple(args.presets or TIME_TO_ACCURACY_PRESETS),
-                args.out,
+                args.out or "runs/time_to_accuracy",
                 args.minutes,
                 args.set,
                 progress=not args.no_progress,
@@ -84,7 +87,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "two-stage":
         if not (args.first and args.second and args.data):
             raise ConfigError("bench two-stage needs --first CKPT --second CKPT --data DIR")
-        ks = tuple(None if k == 0 else k for k in args.shortlist)
+        shortlist = args.shortlist or [10, 20, 50, 100, 200, 0]
+        ks = tuple(None if k == 0 else k for k in shortlist)
         print(bench_two_stage(args.first, args.second, args.data, args.split, ks))
         print(bench_two_stage_synthetic(ks=tuple(k for k in ks if k), threads=args.threads))
         return 0
@@ -108,6 +112,30 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _accuracy(args: argparse.Namespace) -> int:
+    from imram.bench.accuracy import SHORTLISTS, bench_accuracy
+
+    shortlist = args.shortlist if args.shortlist is not None else SHORTLISTS
+    report = bench_accuracy(
+        args.presets or [],
+        args.data or "runs/accuracy/data",
+        args.out or "runs/accuracy",
+        images=args.photos,
+        captions=args.caption_file,
+        fmt=args.format,
+        split=args.split or "dev",
+        minutes=args.minutes,
+        seeds=args.seeds,
+        overrides=args.set,
+        rerank_with=args.rerank_with,
+        shortlists=tuple(shortlist),
+        one_stage=args.one_stage,
+        progress=not args.no_progress,
+    )
+    print(report.table())
+    return 0
+
+
 def add_command(commands: argparse._SubParsersAction) -> None:
     """Add ``bench`` to the ``imram`` command."""
     from imram.config import PRECISIONS
@@ -115,9 +143,10 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="measure the engine against a baseline")
     bench.add_argument(
         "what",
-        choices=["scoring", "memory", "two-stage", "training", "extract"],
+        choices=["scoring", "memory", "two-stage", "training", "extract", "accuracy"],
         help="scoring: pairs/s; memory: top-k streaming; two-stage: shortlist + re-rank; "
-        "training: steps/s; extract: feature extraction pictures/s",
+        "training: steps/s; extract: feature extraction pictures/s; accuracy: train presets "
+        "on real photos and compare their recalls",
     )
     bench.add_argument(
         "--models", nargs="+", help="default: all three IMRAM variants (memory: imram_full)"
@@ -193,16 +222,24 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         "--presets",
         nargs="+",
         help="time to accuracy: presets to train, the baseline last (default: the CPU "
-        "presets of Full-IMRAM and VSE++)",
+        "presets of Full-IMRAM and VSE++); accuracy: presets to train and compare",
     )
     bench.add_argument(
-        "--minutes", type=float, default=0.0, help="time to accuracy: training budget per preset"
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="time to accuracy, accuracy: training budget per preset (default: its epochs)",
     )
     bench.add_argument(
-        "--out", default="runs/time_to_accuracy", help="time to accuracy: where the runs go"
+        "--out",
+        help="time to accuracy, accuracy: where the runs go (default runs/time_to_accuracy, "
+        "runs/accuracy)",
     )
     bench.add_argument(
-        "--set", action="append", default=[], help="time to accuracy: key=value for every preset"
+        "--set",
+        action="append",
+        default=[],
+        help="time to accuracy, accuracy: key=value for every preset",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench.add_argument(
@@ -213,13 +250,34 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--first", help="two-stage: the shortlisting (embedding) checkpoint")
     bench.add_argument("--second", help="two-stage: the re-ranking (IMRAM) checkpoint")
-    bench.add_argument("--data", help="two-stage, training: precomp folder")
-    bench.add_argument("--split", default="test", help="two-stage, training: split (default test)")
+    bench.add_argument(
+        "--data",
+        help="two-stage, training, accuracy: precomp folder (accuracy: prepared there from "
+        "--images and --captions when it holds none; default runs/accuracy/data)",
+    )
+    bench.add_argument(
+        "--split", help="two-stage, training: split (default test); accuracy: (default dev)"
+    )
     bench.add_argument(
         "--shortlist",
         type=int,
         nargs="+",
-        default=[10, 20, 50, 100, 200, 0],
-        help="two-stage: shortlist sizes, 0 = everything",
+        help="two-stage: shortlist sizes, 0 = everything (default 10 20 50 100 200 0); "
+        "accuracy: the re-ranked shortlists (default 10 30 100)",
+    )
+    bench.add_argument("--photos", help="accuracy: the images folder to prepare --data from")
+    bench.add_argument("--caption-file", help="accuracy: the caption file to prepare --data from")
+    bench.add_argument("--format", help="accuracy: the caption file's format (default: detected)")
+    bench.add_argument(
+        "--seeds", type=int, nargs="+", help="accuracy: training seeds, for the spread (default 0)"
+    )
+    bench.add_argument(
+        "--rerank-with",
+        help="accuracy: an embedding preset whose shortlists the cross-attention presets re-rank",
+    )
+    bench.add_argument(
+        "--one-stage",
+        action="store_true",
+        help="accuracy: also score every pair with the cross-attention presets (slow on a CPU)",
     )
     bench.set_defaults(func=_bench)

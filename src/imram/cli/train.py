@@ -31,6 +31,8 @@ def _train(args: argparse.Namespace) -> int:
         state = "interrupted (checkpointed; continue with --resume)"
     elif result.stopped_early:
         state = "stopped at the time budget"
+    elif result.plateaued:
+        state = f"stopped early ({config.train.patience} validations without a better rsum)"
     else:
         state = "finished"
     skipped = (

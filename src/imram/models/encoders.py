@@ -43,19 +43,41 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return summed / mask.sum(dim=1, keepdim=True).to(x.dtype)
 
 
-class ImageEncoder(nn.Module):
-    """One linear map per region, then L2 per region; raw features are not normalised first."""
+def xavier_linear(in_dim: int, out_dim: int) -> nn.Linear:
+    """A linear map with Xavier-uniform weights and zero bias (design §encoders)."""
+    fc = nn.Linear(in_dim, out_dim)
+    bound = math.sqrt(6.0) / math.sqrt(in_dim + out_dim)
+    nn.init.uniform_(fc.weight, -bound, bound)
+    nn.init.zeros_(fc.bias)
+    return fc
 
-    def __init__(self, img_dim: int, embed_dim: int) -> None:
+
+def residual_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear → ReLU → Linear, added beside a fragment projection (``model.fragment_mlp``);
+    its output layer starts at zero, so at the start the projection is the linear map's."""
+    mlp = nn.Sequential(xavier_linear(in_dim, out_dim), nn.ReLU(), nn.Linear(out_dim, out_dim))
+    nn.init.zeros_(mlp[2].weight)
+    nn.init.zeros_(mlp[2].bias)
+    return mlp
+
+
+class ImageEncoder(nn.Module):
+    """One linear map per region (plus a residual MLP with ``mlp``), then L2 per region; raw
+    features are not normalised first."""
+
+    def __init__(self, img_dim: int, embed_dim: int, mlp: bool = False) -> None:
         super().__init__()
-        self.fc = nn.Linear(img_dim, embed_dim)
-        bound = math.sqrt(6.0) / math.sqrt(img_dim + embed_dim)
-        nn.init.uniform_(self.fc.weight, -bound, bound)
-        nn.init.zeros_(self.fc.bias)
+        self.fc = xavier_linear(img_dim, embed_dim)
+        self.mlp = residual_mlp(img_dim, embed_dim) if mlp else None
+
+    def project(self, features: Tensor) -> Tensor:
+        """``[N, R, img_dim]`` → ``[N, R, d]`` projected regions, before normalisation."""
+        out = self.fc(features)
+        return out if self.mlp is None else out + self.mlp(features)
 
     def forward(self, features: Tensor) -> Tensor:
         """``[N, R, img_dim]`` → ``[N, R, d]`` unit region vectors."""
-        return l2norm(self.fc(features))
+        return l2norm(self.project(features))
 
 
 class TextEncoder(nn.Module):

@@ -207,7 +207,7 @@ class MEMBER(EmbeddingModel):
         of the projected regions) ``[N, d]``, what the gated memory adds to it ``[N, d]``, and
         the unit regions ``[N, R, d]`` (what the image bank stores). Part of a training step
         (a queue bank commits the previous step's fragments first)."""
-        projected = self.image_encoder.fc(features)
+        projected = self.image_encoder.project(features)
         regions = l2norm(projected)
         self._begin_step("image")
         memory = self._recall(regions, self.bank("text"), self.config.image_lambda, None)

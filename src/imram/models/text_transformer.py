@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +26,8 @@ from torch import Tensor, nn
 from imram import files
 from imram.data.precomp import pad_captions
 from imram.data.wordpiece import pretrained_dir
-from imram.errors import DataError
-from imram.models.encoders import l2norm, length_mask, masked_mean
+from imram.errors import ConfigError, DataError
+from imram.models.encoders import l2norm, length_mask, masked_mean, residual_mlp, xavier_linear
 
 logger = logging.getLogger(__name__)
 
@@ -85,33 +84,49 @@ class TokenStates:
 
 
 class TransformerTextEncoder(nn.Module):
-    """Word pieces → pretrained transformer → Linear → d → L2 per piece (zeros past length)."""
+    """Word pieces → pretrained transformer → Linear (+ residual MLP) → d → L2 per piece (zeros
+    past length)."""
 
-    def __init__(self, name: str, embed_dim: int, frozen: bool) -> None:
+    def __init__(
+        self, name: str, embed_dim: int, frozen: bool, mlp: bool = False, tuned_layers: int = 0
+    ) -> None:
         super().__init__()
         self.name = name
         self.transformer = load_transformer(name)
         hidden = self.transformer.config.hidden_size
-        self.fc = nn.Linear(hidden, embed_dim)
-        bound = math.sqrt(6.0) / math.sqrt(hidden + embed_dim)
-        nn.init.uniform_(self.fc.weight, -bound, bound)
-        nn.init.zeros_(self.fc.bias)
+        self.fc = xavier_linear(hidden, embed_dim)
+        self.mlp = residual_mlp(hidden, embed_dim) if mlp else None
         self.frozen = frozen
+        layers = self.transformer.encoder.layer
+        if not 0 <= tuned_layers <= len(layers):
+            raise ConfigError(
+                f"model.text_tuned_layers={tuned_layers}: {name} has {len(layers)} layers"
+            )
+        # Frozen below ``split`` (the states there are cached); the layers from it on train.
+        self.split = len(layers) - tuned_layers if frozen else 0
         self.transformer.requires_grad_(not frozen)
+        for layer in layers[self.split :]:
+            layer.requires_grad_(True)
         self.cache: TokenStates | None = None
         self.forwards = 0  # transformer forward passes run (the cache's tests count them)
 
+    @property
+    def tuned(self) -> nn.ModuleList:
+        """The transformer layers trained above the frozen, cached part (empty: none)."""
+        return self.transformer.encoder.layer[self.split :] if self.frozen else nn.ModuleList()
+
     def train(self, mode: bool = True) -> TransformerTextEncoder:
-        """Train mode, except a frozen transformer, which stays in eval (no dropout), so its
-        states are fixed and can be cached."""
+        """Train mode, except a frozen transformer's frozen part, which stays in eval (no
+        dropout), so its states are fixed and can be cached."""
         super().train(mode)
         if self.frozen:
             self.transformer.eval()
+            self.tuned.train(mode)
         return self
 
-    def token_states(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """Last-layer states ``[B, L, H]`` of a padded batch (the cache's when frozen and
-        known), zero past each length."""
+    def frozen_states(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """States ``[B, L, H]`` where the frozen part ends (the last layer's when nothing is
+        tuned) of a padded batch, the cache's when known, zero past each length."""
         mask = length_mask(lengths.to(tokens.device), tokens.shape[1])
         if self.frozen and self.cache is not None:
             cached = self.cache.lookup(tokens, lengths)
@@ -119,8 +134,28 @@ class TransformerTextEncoder(nn.Module):
                 return cached
         self.forwards += 1
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            out = self.transformer(input_ids=tokens, attention_mask=mask.long())
-        return out.last_hidden_state.masked_fill(~mask[..., None], 0.0)
+            out = self.transformer(
+                input_ids=tokens,
+                attention_mask=mask.long(),
+                output_hidden_states=bool(self.tuned),
+            )
+        states = out.hidden_states[self.split] if self.tuned else out.last_hidden_state
+        return states.masked_fill(~mask[..., None], 0.0)
+
+    def token_states(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Last-layer states ``[B, L, H]`` of a padded batch, zero past each length: the
+        frozen part's (cached when known), then the tuned layers."""
+        states = self.frozen_states(tokens, lengths)
+        if not self.tuned:
+            return states
+        mask = length_mask(lengths.to(tokens.device), tokens.shape[1])
+        # An additive mask over the keys, [B, 1, 1, L]: padding is never attended.
+        bias = torch.zeros(mask.shape, dtype=states.dtype, device=states.device)
+        bias = bias.masked_fill(~mask, torch.finfo(states.dtype).min)[:, None, None, :]
+        for layer in self.tuned:
+            states = layer(states, bias)
+            states = states[0] if isinstance(states, tuple) else states
+        return states.masked_fill(~mask[..., None], 0.0)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Unit piece vectors ``[B, L, d]`` (zeros past each length) and the sentence vector
@@ -129,13 +164,23 @@ class TransformerTextEncoder(nn.Module):
             raise ValueError("every caption needs at least one token")
         states = self.token_states(tokens, lengths)
         mask = length_mask(lengths.to(tokens.device), tokens.shape[1])
-        words = l2norm(self.fc(states)).masked_fill(~mask[..., None], 0.0)
-        return words, self.fc(masked_mean(states, mask))
+        words = l2norm(self.project(states)).masked_fill(~mask[..., None], 0.0)
+        return words, self.project(masked_mean(states, mask))
+
+    def project(self, states: Tensor) -> Tensor:
+        """Transformer states ``[..., H]`` → ``[..., d]``: the linear map (plus the residual
+        MLP with ``model.fragment_mlp``), before normalisation."""
+        out = self.fc(states)
+        return out if self.mlp is None else out + self.mlp(states)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the transformer's weights: equal fingerprints give equal states."""
+        """SHA-256 of the frozen part's weights (all of them when nothing is tuned): equal
+        fingerprints give equal :meth:`frozen_states`, whatever the tuned layers learned."""
         digest = hashlib.sha256(self.name.encode())
+        tuned = {f"encoder.layer.{i}." for i in range(self.split, self.split + len(self.tuned))}
         for key, value in sorted(self.transformer.state_dict().items()):
+            if any(key.startswith(prefix) for prefix in tuned):
+                continue
             digest.update(key.encode())
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
@@ -145,8 +190,8 @@ class TransformerTextEncoder(nn.Module):
 def compute_token_states(
     encoder: TransformerTextEncoder, ids: np.ndarray, offsets: np.ndarray, batch: int = 256
 ) -> Tensor:
-    """States ``[T, H]`` of every caption (pieces ``ids[offsets[n]:offsets[n+1]]``), batched
-    in length order so that padding costs little."""
+    """Frozen-part states ``[T, H]`` of every caption (pieces ``ids[offsets[n]:offsets[n+1]]``),
+    batched in length order so that padding costs little."""
     lengths = np.diff(offsets)
     hidden = encoder.transformer.config.hidden_size
     out = torch.zeros(int(offsets[-1]), hidden)
@@ -155,7 +200,7 @@ def compute_token_states(
     for start in range(0, len(order), batch):
         members = order[start : start + batch]
         tokens, lens = pad_captions([ids[offsets[n] : offsets[n + 1]] for n in members])
-        states = encoder.token_states(tokens.to(device), lens.to(device)).float().cpu()
+        states = encoder.frozen_states(tokens.to(device), lens.to(device)).float().cpu()
         for row, n in enumerate(members):
             out[offsets[n] : offsets[n + 1]] = states[row, : lengths[n]]
     return out
@@ -175,10 +220,12 @@ def cache_token_states(
         digest = hashlib.sha256(weights.encode())
         digest.update(ids.astype(np.int32).tobytes())
         digest.update(offsets.astype(np.int64).tobytes())
+        # The frozen part's depth names the file, so caches for other depths live side by side.
         stem = captions.name.removesuffix(".txt")
-        folder = captions.parent / "cache"
-        path = folder / f"{stem}.{encoder.name}-{digest.hexdigest()[:16]}.safetensors"
-        parts.append(_states_file(encoder, path, f"{stem}.{encoder.name}-", ids, offsets))
+        depth = f".layer{encoder.split}" if encoder.tuned else ""
+        prefix = f"{stem}.{encoder.name}{depth}-"
+        path = captions.parent / "cache" / f"{prefix}{digest.hexdigest()[:16]}.safetensors"
+        parts.append(_states_file(encoder, path, prefix, ids, offsets))
         all_ids.append(ids)
         all_offsets.extend((offsets[1:] + base).tolist())
         base += int(offsets[-1])

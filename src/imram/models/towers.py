@@ -14,11 +14,16 @@ def build_encoders(
 ) -> tuple[ImageEncoder, TextEncoder | TransformerTextEncoder]:
     """The region and word encoders every model starts from, sized by its config: the text
     side a :class:`TextEncoder` or, for ``model.text_encoder`` other than ``gru``, a
-    pretrained :class:`~imram.models.text_transformer.TransformerTextEncoder`."""
-    image = ImageEncoder(config.img_dim, config.embed_dim)
+    pretrained :class:`~imram.models.text_transformer.TransformerTextEncoder`. A GRU, itself
+    trained, gets no residual MLP (``model.fragment_mlp`` adds one to the regions only)."""
+    image = ImageEncoder(config.img_dim, config.embed_dim, config.fragment_mlp)
     if config.text_encoder != "gru":
         return image, TransformerTextEncoder(
-            config.text_encoder, config.embed_dim, config.freeze_text
+            config.text_encoder,
+            config.embed_dim,
+            config.freeze_text,
+            config.fragment_mlp,
+            config.text_tuned_layers,
         )
     text = TextEncoder(config.vocab_size, config.word_dim, config.embed_dim, config.gru_layers)
     return image, text

@@ -21,7 +21,7 @@ class VSEPP(EmbeddingModel):
 
     def encode_images(self, features: Tensor) -> Tensor:
         """``[N, R, img_dim]`` → ``[N, d]`` unit image vectors."""
-        return l2norm(self.image_encoder.fc(features).mean(dim=1))
+        return l2norm(self.image_encoder.project(features).mean(dim=1))
 
     def encode_captions(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """``[B, L]`` token ids → ``[B, d]`` unit caption vectors."""

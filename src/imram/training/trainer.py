@@ -53,12 +53,14 @@ from imram.training.manifest import (
     verify,
     write_manifest,
 )
+from imram.training.warm_start import warm_start
 
 
 @dataclass
 class TrainResult:
     """Where a run ended: its best validation rsum, position, and why it stopped early, if it
-    did (the time budget, or a SIGTERM/SIGINT: ``interrupted``)."""
+    did (the time budget; a SIGTERM/SIGINT: ``interrupted``; ``train.patience`` validations
+    without a better rsum: ``plateaued``)."""
 
     run_dir: Path
     best_rsum: float
@@ -68,6 +70,7 @@ class TrainResult:
     last_metrics: dict[str, Any]
     interrupted: bool = False
     nonfinite_steps: int = 0
+    plateaued: bool = False
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -218,7 +221,8 @@ class TrainState:
     """Where a run stands, saved in every checkpoint so that a resume continues exactly:
     the position (``epoch``, ``batch`` within it, ``iteration`` overall), the best validation
     rsum so far, the wall time spent in training steps (not validation, summed over
-    resumes) and the number of skipped non-finite steps."""
+    resumes), the number of skipped non-finite steps and of validations since the best one
+    (``stale``, for early stopping)."""
 
     epoch: int = 0
     batch: int = 0
@@ -226,6 +230,7 @@ class TrainState:
     best_rsum: float = -math.inf
     train_seconds: float = 0.0
     nonfinite_steps: int = 0
+    stale: int = 0
 
     @classmethod
     def from_dict(cls, saved: dict[str, Any]) -> TrainState:
@@ -300,8 +305,9 @@ class _Session:
                 self.optimizer,
             )
 
-    def validate(self, epoch: int) -> None:
-        """Score the dev split, log it, and save ``best/`` when its rsum is the best so far."""
+    def validate(self, epoch: int) -> bool:
+        """Score the dev split, log it, and save ``best/`` when its rsum is the best so far;
+        True when ``train.patience`` validations in a row have not improved on the best."""
         metrics, _, _ = evaluate_model(
             self.model,
             self.val_set,
@@ -318,11 +324,24 @@ class _Session:
             train_seconds=self.state.train_seconds,
             **metrics,
         )
+        self.state.stale += 1
         if metrics["rsum"] > self.state.best_rsum:
             self.state.best_rsum = metrics["rsum"]
+            self.state.stale = 0
             if self.lead:
                 state = {**asdict(self.state), "metrics": metrics}
                 save_checkpoint(self.run / "best", self.model, self.config, self.vocab, state)
+        patience = self.config.train.patience
+        if patience and self.state.stale >= patience:
+            self.log.write(
+                event="early_stop",
+                epoch=epoch,
+                iteration=self.state.iteration,
+                best_rsum=self.state.best_rsum,
+                patience=patience,
+            )
+            return True
+        return False
 
     def step(self, batch: PrecompBatch, hardest: bool) -> float | None:
         """One optimisation step; the loss, or None when the loss or the gradient norm is not
@@ -388,7 +407,7 @@ class _Session:
         tc = self.config.train
         for group in self.optimizer.param_groups:
             base = tc.text_lr if group.get("name") == "text_transformer" else tc.lr
-            group["lr"] = base * tc.lr_decay ** (epoch // tc.lr_decay_epochs)
+            group["lr"] = base * tc.lr_factor(epoch)
         order = epoch_order(len(self.train_set), tc.seed, epoch)
         return [order[s : s + tc.batch_size] for s in range(0, len(order), tc.batch_size)]
 
@@ -398,9 +417,11 @@ class _Session:
         tc, state = self.config.train, self.state
         start_time = time.monotonic()
         stopped = interrupted = False
+        # A run that already stopped early (resumed after it) stays stopped, like a finished one.
+        plateaued = bool(tc.patience) and state.stale >= tc.patience
         bad_in_a_row = 0
         with _StopSignals() as signals:
-            for epoch in range(state.epoch, tc.epochs):
+            for epoch in range(state.epoch, state.epoch if plateaued else tc.epochs):
                 verify(self.manifest, self.files, self.run, full=False)
                 batches = self.epoch_batches(epoch)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -438,8 +459,10 @@ class _Session:
                                 train_seconds=state.train_seconds,
                             )
                     if tc.val_every and state.iteration % tc.val_every == 0:
-                        self.validate(epoch)
+                        plateaued = self.validate(epoch)
                         self.checkpoint(epoch, b + 1)
+                        if plateaued:
+                            break
                     elif tc.checkpoint_every and state.iteration % tc.checkpoint_every == 0:
                         self.checkpoint(epoch, b + 1)
                     out_of_time = bool(tc.max_minutes) and (
@@ -458,11 +481,13 @@ class _Session:
                         stopped = True
                         break
                 bar.close()
-                if stopped:
+                if stopped or plateaued:
                     break
                 state.batch = 0
-                self.validate(epoch)
+                plateaued = self.validate(epoch)
                 self.checkpoint(epoch + 1, 0)
+                if plateaued:
+                    break
         return TrainResult(
             self.run,
             state.best_rsum,
@@ -472,6 +497,7 @@ class _Session:
             self.last_metrics,
             interrupted,
             state.nonfinite_steps,
+            plateaued,
         )
 
 
@@ -545,7 +571,14 @@ def _open(
     found = 0 if resume else init_word_embeddings(model, config, vocab)
     if config.model.freeze_words:
         model.text_encoder.embed.weight.requires_grad_(False)
-    optimizer = torch.optim.Adam(_param_groups(model, config), lr=config.train.lr)
+    if config.train.init_from and not resume:
+        copied = warm_start(model, config.train.init_from, vocab)
+    decay = config.train.weight_decay
+    optimizer = torch.optim.Adam(
+        _param_groups(model, config),
+        lr=config.train.lr,
+        **({"weight_decay": decay, "decoupled_weight_decay": True} if decay else {}),
+    )
     state = TrainState()
     if meta is not None:
         last_dir = run / "last"
@@ -581,6 +614,8 @@ def _open(
             captions=len(train_set) + len(val_set),
             seconds=round(cached_seconds, 3),
         )
+    if config.train.init_from and not resume:
+        log.write(event="init_from", path=config.train.init_from, weights=copied)
     if found:
         log.write(
             event="word_vectors", name=config.model.word_vectors, found=found, vocab=len(vocab)

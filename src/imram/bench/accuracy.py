@@ -16,6 +16,7 @@ from typing import Any
 
 from imram.errors import ConfigError, DataError
 from imram.metrics import METRIC_KEYS, format_duration
+from imram.retrieval.fusion import FUSION_WEIGHTS
 
 SHORTLISTS = (10, 30, 100)
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -43,7 +44,8 @@ class AccuracyRow:
     def label(self) -> str:
         if self.rerank is None:
             return self.preset
-        return f"{self.preset} on {self.rerank} top {self.shortlist}"
+        fused = "fused with" if "fused" in self.protocol else "on"
+        return f"{self.preset} {fused} {self.rerank} top {self.shortlist}"
 
 
 @dataclass
@@ -216,11 +218,14 @@ def evaluate_runs(
                 list(shortlists),
                 "1k",
                 device,
+                fusion_weights=FUSION_WEIGHTS,
             )
             for r in results:
-                rows.append(
-                    (r, f"1k, two stage (top {r['shortlist']})", rerank_with, r["shortlist"])
-                )
+                k = r["shortlist"]
+                rows.append((r, f"1k, two stage (top {k})", rerank_with, k))
+                w = r["fusion"]["weight"]
+                fused = {**r["fused"][str(w)], "fusion": r["fusion"]}
+                rows.append((fused, f"1k, two stage fused (top {k}, w {w:g})", rerank_with, k))
     return out
 
 

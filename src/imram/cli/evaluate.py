@@ -13,11 +13,13 @@ def _evaluate_rerank(args: argparse.Namespace) -> int:
     from imram.data import PrecompDataset
     from imram.devices import default_device
     from imram.metrics import format_table
+    from imram.retrieval.fusion import FUSION_WEIGHTS, Fusion, load_fusion, save_fusion
     from imram.retrieval.two_stage import rerank_split
 
     device = args.device or default_device()
     first = load_model(args)
     second = load_checkpoint(args.rerank)
+    given = None if args.fusion is None else load_fusion(args.fusion, first, second)
     results = rerank_split(
         first.model.to(device),
         PrecompDataset(args.data, args.split, first.vocab),
@@ -27,6 +29,8 @@ def _evaluate_rerank(args: argparse.Namespace) -> int:
         args.protocol,
         device,
         progress=not args.no_progress,
+        fusion_weights=FUSION_WEIGHTS if args.fit_fusion else (),
+        fusion=given,
     )
     for metrics in results:
         title = (
@@ -38,6 +42,29 @@ def _evaluate_rerank(args: argparse.Namespace) -> int:
             f"true match inside the shortlist: i2t {metrics['i2t_in_shortlist']:.1f}%, "
             f"t2i {metrics['t2i_in_shortlist']:.1f}% (the rest count as misses); "
             f"{metrics['pairs_scored']:,} pairs re-ranked in {metrics['rerank_seconds']:.1f} s"
+        )
+        if given is not None:
+            print(format_table(metrics["fused_given"], title=f"fused by {args.fusion}"))
+        if "fusion" in metrics:
+            rsums = {w: m["rsum"] for w, m in metrics["fused"].items()}
+            print("fused rsum by weight: " + ", ".join(f"{w} {r:.1f}" for w, r in rsums.items()))
+    if args.fit_fusion:
+        fitted = results[0]
+        fusion = Fusion(**fitted["fusion"])
+        save_fusion(
+            args.fit_fusion,
+            fusion,
+            first,
+            second,
+            split=args.split,
+            protocol=args.protocol,
+            shortlist=fitted["shortlist"],
+            rsum_by_weight={w: m["rsum"] for w, m in fitted["fused"].items()},
+        )
+        rsum = fitted["fused"][str(fusion.weight)]["rsum"]
+        print(
+            f"fusion weight {fusion.weight:g} (fused rsum {rsum:.1f} at shortlist "
+            f"{fitted['shortlist']}) written to {args.fit_fusion}"
         )
     payload = {"checkpoint": str(first.path), "rerank": str(second.path), "split": args.split}
     write_json(args.json, {**payload, "protocol": args.protocol, "results": results})
@@ -136,6 +163,17 @@ def add_command(commands: argparse._SubParsersAction) -> None:
         nargs="+",
         default=[100],
         help="with --rerank: shortlist sizes, 0 = everything (default 100)",
+    )
+    evaluate.add_argument(
+        "--fusion",
+        help="with --rerank: also rank the shortlists by both models' fused scores, as this "
+        "fusion file says",
+    )
+    evaluate.add_argument(
+        "--fit-fusion",
+        metavar="OUT.json",
+        help="with --rerank: choose the fusion weight on this split (first --shortlist size) "
+        "and write the fusion file for search and serve",
     )
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")

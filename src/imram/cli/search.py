@@ -14,7 +14,9 @@ def _search(args: argparse.Namespace) -> int:
 
     query = pick(args, "text", "image", "k", "checkpoint", "nprobe", "device")
     if args.rerank:
-        hits = two_stage_search(args.index, args.rerank, shortlist=args.shortlist, **query)
+        hits = two_stage_search(
+            args.index, args.rerank, shortlist=args.shortlist, fusion=args.fusion, **query
+        )
     else:
         hits = search_index(args.index, **query)
     _print_hits(args, hits)
@@ -48,6 +50,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     search.add_argument("--rerank", help="re-rank the shortlist with this IMRAM/SCAN checkpoint")
     search.add_argument(
         "--shortlist", type=int, default=100, help="with --rerank: items re-ranked (default 100)"
+    )
+    search.add_argument(
+        "--fusion",
+        help="with --rerank: rank the shortlist by both models' fused scores (a file from "
+        "imram evaluate --rerank --fit-fusion)",
     )
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--device", help="cpu or cuda (default: cuda when present)")

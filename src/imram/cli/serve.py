@@ -16,7 +16,17 @@ def _serve(args: argparse.Namespace) -> int:
     serve(
         args.index,
         announce=announce,
-        **pick(args, "checkpoint", "rerank", "shortlist", "host", "port", "device", "log_level"),
+        **pick(
+            args,
+            "checkpoint",
+            "rerank",
+            "shortlist",
+            "fusion",
+            "host",
+            "port",
+            "device",
+            "log_level",
+        ),
     )
     return 0
 
@@ -31,6 +41,11 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--shortlist", type=int, default=100, help="with --rerank: items re-ranked (default 100)"
+    )
+    serve.add_argument(
+        "--fusion",
+        help="with --rerank: rank shortlists by both models' fused scores (a file from "
+        "imram evaluate --rerank --fit-fusion)",
     )
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine)"

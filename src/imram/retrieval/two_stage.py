@@ -9,9 +9,10 @@ every pair is re-scored and the ranking is exactly the one-stage ranking.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from imram.devices import resolve_device
 from imram.errors import ConfigError, DataError
 from imram.features.extract import image_features
 from imram.metrics import METRIC_KEYS, N_FOLDS, PROTOCOLS, ranks_i2t, ranks_t2i, recall_metrics
+from imram.retrieval.fusion import Fusion, best_weight, load_fusion
 from imram.retrieval.index import GalleryIndex, Hit, load_index
 from imram.scoring import score_pairs
 
@@ -72,11 +74,14 @@ class TwoStageResult:
     rerank_seconds: float
 
 
-def two_stage_matrices(first: np.ndarray, scorer: PairScorer, k: int) -> TwoStageResult:
+def two_stage_matrices(
+    first: np.ndarray, scorer: PairScorer, k: int, fusion: Fusion | None = None
+) -> TwoStageResult:
     """Re-rank ``first`` (``[n_img, n_cap]``) with ``scorer(rows, cols) -> scores``:
     row ``i`` of ``i2t`` holds second-stage scores for image ``i``'s ``k`` shortlisted
     captions, column ``j`` of ``t2i`` for caption ``j``'s ``k`` shortlisted images; a pair in
-    both shortlists is scored once."""
+    both shortlists is scored once. With ``fusion`` the shortlist is ranked by both stages'
+    fused scores instead of the second stage's alone."""
     if k < 1:
         raise DataError(f"shortlist k={k} must be >= 1")
     in_i2t, in_t2i = shortlist_masks(first, k)
@@ -85,6 +90,8 @@ def two_stage_matrices(first: np.ndarray, scorer: PairScorer, k: int) -> TwoStag
     start = time.perf_counter()
     scores = np.asarray(scorer(rows, cols), dtype=np.float32)
     seconds = time.perf_counter() - start
+    if fusion is not None:
+        scores = fusion.combine(first[rows, cols], scores)
     i2t = np.full((n_img, n_cap), -np.inf, dtype=np.float32)
     t2i = np.full((n_img, n_cap), -np.inf, dtype=np.float32)
     keep = in_i2t[rows, cols]
@@ -121,11 +128,13 @@ def evaluate_two_stage(
     cap2img: np.ndarray,
     k: int,
     protocol: str = "1k",
+    fusion: Fusion | None = None,
 ) -> dict[str, Any]:
     """Metrics of the re-ranked shortlists under a protocol (``5fold``: shortlists within each
     fold, metrics averaged), plus ``shortlist`` = k, ``pairs_scored``, ``rerank_seconds`` and
     ``i2t_in_shortlist`` / ``t2i_in_shortlist``: the share of queries whose true match the
-    shortlist holds (the ceiling of R@k, since the others are misses)."""
+    shortlist holds (the ceiling of R@k, since the others are misses). ``fusion``: ranked by
+    both stages' fused scores."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     cap2img = np.asarray(cap2img, dtype=np.int64)
@@ -143,7 +152,7 @@ def evaluate_two_stage(
         def fold_scorer(rows: np.ndarray, captions: np.ndarray, lo=lo, cols=cols) -> np.ndarray:
             return scorer(lo + rows, cols[captions])
 
-        result = two_stage_matrices(first[lo:hi][:, cols], fold_scorer, k)
+        result = two_stage_matrices(first[lo:hi][:, cols], fold_scorer, k, fusion)
         local = cap2img[cols] - lo
         r_i2t, r_t2i = ranks_i2t(result.i2t, local), ranks_t2i(result.t2i, local)
         metrics = recall_metrics(r_i2t, r_t2i)
@@ -181,12 +190,18 @@ def rerank_split(
     device: str | torch.device = "cpu",
     budget_mb: float = 1024.0,
     progress: bool = False,
+    fusion_weights: Sequence[float] = (),
+    fusion: Fusion | None = None,
 ) -> list[dict[str, Any]]:
     """Two-stage metrics of a split for each shortlist size in ``ks`` (None: every item).
 
     ``first_data`` and ``second_data`` are the same split opened with each checkpoint's
     vocabulary. Each result adds ``first_seconds`` (embedding and scoring every pair with the
     first model) and ``encode_seconds`` (the second model's fragment encoding, done once).
+    With ``fusion_weights`` each result also holds ``fused`` (the metrics of the shortlists
+    ranked by fused scores, per weight, the pairs scored once) and ``fusion``: the
+    standardisation over this split's shortlisted pairs with the weight of the best rsum.
+    A given ``fusion`` adds ``fused_given``: the metrics of the shortlists ranked by it.
     """
     from imram.evaluation import encode_split, evaluate_model
 
@@ -205,7 +220,7 @@ def rerank_split(
         second_model, second_data, images.tolist(), range(first_data.num_captions), device=device
     )
     encode_seconds = time.perf_counter() - start
-    scorer = model_pair_scorer(second_model, img, cap, lengths, budget_mb, progress)
+    scorer = _Remembered(model_pair_scorer(second_model, img, cap, lengths, budget_mb, progress))
     results = []
     for k in ks:
         size = k or max(first.shape)
@@ -213,8 +228,45 @@ def rerank_split(
         metrics.update(
             shortlist=k or "all", first_seconds=first_seconds, encode_seconds=encode_seconds
         )
+        if fusion_weights:
+            rows, cols, second = scorer.seen()
+            fused = Fusion.standardising(first[rows, cols], second)
+            by_weight = {
+                w: evaluate_two_stage(first, scorer, cap2img, size, protocol, fused.with_weight(w))
+                for w in fusion_weights
+            }
+            weight = best_weight({w: m["rsum"] for w, m in by_weight.items()})
+            metrics["fused"] = {str(w): m for w, m in by_weight.items()}
+            metrics["fusion"] = asdict(fused.with_weight(weight))
+        if fusion is not None:
+            metrics["fused_given"] = evaluate_two_stage(
+                first, scorer, cap2img, size, protocol, fusion
+            )
+        scorer.forget()
         results.append(metrics)
     return results
+
+
+class _Remembered:
+    """A pair scorer that answers a repeated question from memory (fusion re-ranks the same
+    shortlists under several weights) and can list every pair it scored since ``forget``."""
+
+    def __init__(self, scorer: PairScorer) -> None:
+        self.scorer = scorer
+        self.calls: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        key = hashlib.sha256(np.asarray(rows).tobytes() + np.asarray(cols).tobytes()).digest()
+        if key not in self.calls:
+            self.calls[key] = (np.asarray(rows), np.asarray(cols), self.scorer(rows, cols))
+        return self.calls[key][2]
+
+    def seen(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rows, cols, scores = zip(*self.calls.values(), strict=True)
+        return np.concatenate(rows), np.concatenate(cols), np.concatenate(scores)
+
+    def forget(self) -> None:
+        self.calls.clear()
 
 
 @torch.no_grad()
@@ -225,10 +277,12 @@ def rerank_by_features(
     texts: list[str],
     text_query: bool,
     device: str | torch.device = "cpu",
+    fusion: Fusion | None = None,
 ) -> list[Hit]:
     """Re-order ``hits`` by the cross-attention model of ``reranker`` (already on ``device``):
     one text (``texts``) against the hits' region ``features``, or, with ``text_query``
-    False, one image's ``features`` against the hits' captions (``texts``)."""
+    False, one image's ``features`` against the hits' captions (``texts``). With ``fusion``
+    the order and the scores are the fused ones (the hits' scores are the first stage's)."""
     if not hits:
         return []
     vocab = reranker.vocab
@@ -246,6 +300,9 @@ def rerank_by_features(
     cap = model.encode_captions(tokens.to(device), lengths)
     scores = model.similarity(img, cap, lengths).float().cpu()
     scores = scores[:, 0] if text_query else scores[0]
+    if fusion is not None:
+        first = np.array([hit.score for hit in hits], dtype=np.float64)
+        scores = torch.from_numpy(fusion.combine(first, scores.numpy()))
     order = torch.argsort(scores, descending=True, stable=True).tolist()
     return [
         Hit(rank, hits[i].id, float(scores[i]), hits[i].name)
@@ -261,8 +318,10 @@ def rerank_hits(
     text: str | None = None,
     image: str | Path | None = None,
     device: str | torch.device = "cpu",
+    fusion: Fusion | None = None,
 ) -> list[Hit]:
-    """Re-order one query's shortlist ``hits`` by the cross-attention model ``reranker``.
+    """Re-order one query's shortlist ``hits`` by the cross-attention model ``reranker``
+    (by both stages' fused scores with ``fusion``).
 
     A text query is scored against the region features of the shortlisted gallery images
     (read from the indexed precomp folder); an image file is turned into grid features as the
@@ -275,9 +334,10 @@ def rerank_hits(
         data = gallery.meta["data"]
         dataset = PrecompDataset(data["root"], data["split"], None)
         features = dataset.images([hit.id for hit in hits])
-        return rerank_by_features(reranker, hits, features, [text], True, device)
+        return rerank_by_features(reranker, hits, features, [text], True, device, fusion)
     features = image_features([image], gallery.extractor_config(), device)
-    return rerank_by_features(reranker, hits, features, [h.name for h in hits], False, device)
+    texts = [h.name for h in hits]
+    return rerank_by_features(reranker, hits, features, texts, False, device, fusion)
 
 
 def two_stage_search(
@@ -291,10 +351,11 @@ def two_stage_search(
     checkpoint: str | Path | None = None,
     nprobe: int | None = None,
     device: str | torch.device | None = None,
+    fusion: str | Path | None = None,
 ) -> list[Hit]:
     """One query: the ``shortlist`` nearest items by the index's embeddings, re-ranked by the
-    ``rerank`` checkpoint; the best ``k`` are returned. A true match outside the shortlist is
-    never seen."""
+    ``rerank`` checkpoint (by both stages' fused scores with a ``fusion`` file fitted for this
+    pair); the best ``k`` are returned. A true match outside the shortlist is never seen."""
     from imram.checkpoint import load_checkpoint
 
     if shortlist < k:
@@ -302,7 +363,9 @@ def two_stage_search(
     device = resolve_device(device)
     gallery = load_index(index, checkpoint, device)
     hits = gallery.search(text=text, image=image, k=shortlist, nprobe=nprobe)
+    reranker = load_checkpoint(rerank)
+    fused = None if fusion is None else load_fusion(fusion, gallery.checkpoint, reranker)
     reranked = rerank_hits(
-        gallery, hits, load_checkpoint(rerank), text=text, image=image, device=device
+        gallery, hits, reranker, text=text, image=image, device=device, fusion=fused
     )
     return reranked[:k]

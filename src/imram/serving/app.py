@@ -172,10 +172,11 @@ def create_app(
     shortlist: int = 100,
     limits: Limits | None = None,
     device: str | torch.device | None = None,
+    fusion: str | Path | None = None,
 ) -> FastAPI:
     """The search app over ``index_path``: the index, its model and the optional re-ranker are
     loaded here, once, so a broken setup fails before the server listens."""
-    service = SearchService(index_path, checkpoint, rerank, shortlist, limits, device)
+    service = SearchService(index_path, checkpoint, rerank, shortlist, limits, device, fusion)
     uploads = Path(tempfile.mkdtemp(prefix="imram-serve-"))
 
     @asynccontextmanager
@@ -284,6 +285,7 @@ def serve(
     announce: Callable[[str], object] = print,
     log_level: str = "info",
     max_connections: int = 64,
+    fusion: str | Path | None = None,
 ) -> None:
     """Load the app, bind ``host:port``, tell ``announce`` the URL, and serve until stopped.
 
@@ -296,7 +298,7 @@ def serve(
             "authentication or TLS",
             file=sys.stderr,
         )
-    app = create_app(index_path, checkpoint, rerank, shortlist, limits, device)
+    app = create_app(index_path, checkpoint, rerank, shortlist, limits, device, fusion)
     sock = bind(host, port)
     config = uvicorn.Config(
         app,

@@ -29,6 +29,7 @@ from imram.features.efficientnet_lite import load_efficientnet_lite
 from imram.features.extract import ExtractorConfig, ImageError, image_features
 from imram.models.imram import BranchTrace
 from imram.models.interface import RetrievalModel
+from imram.retrieval.fusion import Fusion, load_fusion
 from imram.retrieval.index import GalleryIndex, Hit, load_index
 from imram.retrieval.two_stage import rerank_by_features
 
@@ -146,6 +147,7 @@ class SearchService:
         shortlist: int = 100,
         limits: Limits | None = None,
         device: str | torch.device | None = None,
+        fusion: str | Path | None = None,
     ) -> None:
         if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 1:
             raise ConfigError(f"shortlist must be an integer >= 1, got {shortlist!r}")
@@ -176,6 +178,11 @@ class SearchService:
         self.dataset: PrecompDataset | None = None
         if rerank is not None:
             self.reranker, self.dataset = self._load_reranker(rerank)
+        self.fusion: Fusion | None = None
+        if fusion is not None:
+            if self.reranker is None:
+                raise ConfigError("--fusion combines two stages: it needs --rerank")
+            self.fusion = load_fusion(fusion, self.gallery.checkpoint, self.reranker)
         regions = self.dataset.num_regions if self.dataset is not None else None
         self.grid = _grid(self.gallery.extractor, regions)
 
@@ -223,6 +230,7 @@ class SearchService:
             "model": self.gallery.meta["model"],
             "rerank": reranker.config.model.name if reranker is not None else None,
             "shortlist": self.shortlist if reranker is not None else None,
+            "fusion_weight": self.fusion.weight if self.fusion is not None else None,
             "image_search": self.extractor is not None,
             "image_files": self.files is not None,
             "explain": self._explain_problem() is None,
@@ -326,7 +334,9 @@ class SearchService:
     ) -> list[Hit]:
         """Re-order ``hits`` by the cross-attention model (see ``rerank_by_features``)."""
         assert self.reranker is not None
-        return rerank_by_features(self.reranker, hits, features, texts, text_query, self.device)
+        return rerank_by_features(
+            self.reranker, hits, features, texts, text_query, self.device, self.fusion
+        )
 
     def _explain_problem(self) -> str | None:
         """Why explain cannot answer with this configuration, or None when it can."""

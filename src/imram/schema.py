@@ -43,6 +43,9 @@ class ModelConfig:
     # pretrained text encoder), its output layer zero at the start, so a fresh model projects
     # as the linear map alone: the frozen features' only non-linear trainable part.
     fragment_mlp: bool = False
+    # Dropout on the features a fragment projection reads (regions; a pretrained text encoder's
+    # states) while training: a share of every fragment's input left out, a regulariser.
+    feature_dropout: float = 0.0
     # Caption encoder: "gru" (a Bi-GRU over word embeddings, the papers') or "minilm" (the
     # pretrained all-MiniLM-L6-v2 over word pieces); freeze_text keeps the pretrained
     # transformer fixed (its states cached per caption) instead of fine-tuning it.
@@ -155,6 +158,8 @@ class ModelConfig:
                 "model.text_tuned_layers trains the top of a frozen pretrained text encoder: "
                 "it needs model.text_encoder other than gru and model.freeze_text true"
             )
+        if not 0 <= self.feature_dropout < 1:
+            raise ConfigError(f"model.feature_dropout={self.feature_dropout!r} must lie in [0, 1)")
         if not self.member_gate_scale > 0:
             raise ConfigError(f"model.member_gate_scale={self.member_gate_scale!r} must be > 0")
         if not 0 <= self.member_ema < 1:

@@ -341,3 +341,21 @@ def test_fragment_mlp_starts_as_the_linear_projection(name: str, batch) -> None:
             wide.encode_captions(tokens, lengths), plain.encode_captions(tokens, lengths)
         )
     assert wide.image_encoder.mlp is not None and wide.text_encoder.mlp is not None
+
+
+def test_feature_dropout_only_while_training(batch) -> None:
+    plain, dropped = _model("vsepp"), _model("vsepp", feature_dropout=0.5)
+    tokens, lengths = batch
+    images = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        assert torch.equal(dropped.encode_images(images), plain.encode_images(images))
+        assert torch.equal(
+            dropped.encode_captions(tokens, lengths), plain.encode_captions(tokens, lengths)
+        )
+        dropped.train()
+        assert not torch.allclose(dropped.encode_images(images), plain.encode_images(images))
+        assert not torch.allclose(
+            dropped.encode_captions(tokens, lengths), plain.encode_captions(tokens, lengths)
+        )
+    with pytest.raises(ConfigError, match="model.feature_dropout"):
+        ModelConfig(feature_dropout=1.0)

@@ -63,15 +63,21 @@ def residual_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
 
 class ImageEncoder(nn.Module):
     """One linear map per region (plus a residual MLP with ``mlp``), then L2 per region; raw
-    features are not normalised first."""
+    features are not normalised first (``dropout``: only dropped while training)."""
 
-    def __init__(self, img_dim: int, embed_dim: int, mlp: bool = False) -> None:
+    def __init__(
+        self, img_dim: int, embed_dim: int, mlp: bool = False, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.fc = xavier_linear(img_dim, embed_dim)
         self.mlp = residual_mlp(img_dim, embed_dim) if mlp else None
+        self.dropout = nn.Dropout(dropout) if dropout else None
 
     def project(self, features: Tensor) -> Tensor:
-        """``[N, R, img_dim]`` → ``[N, R, d]`` projected regions, before normalisation."""
+        """``[N, R, img_dim]`` → ``[N, R, d]`` projected regions, before normalisation (with
+        ``model.feature_dropout``, of features partly dropped while training)."""
+        if self.dropout is not None:
+            features = self.dropout(features)
         out = self.fc(features)
         return out if self.mlp is None else out + self.mlp(features)
 

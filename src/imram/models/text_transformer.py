@@ -88,7 +88,13 @@ class TransformerTextEncoder(nn.Module):
     past length)."""
 
     def __init__(
-        self, name: str, embed_dim: int, frozen: bool, mlp: bool = False, tuned_layers: int = 0
+        self,
+        name: str,
+        embed_dim: int,
+        frozen: bool,
+        mlp: bool = False,
+        tuned_layers: int = 0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.name = name
@@ -96,6 +102,7 @@ class TransformerTextEncoder(nn.Module):
         hidden = self.transformer.config.hidden_size
         self.fc = xavier_linear(hidden, embed_dim)
         self.mlp = residual_mlp(hidden, embed_dim) if mlp else None
+        self.dropout = nn.Dropout(dropout) if dropout else None
         self.frozen = frozen
         layers = self.transformer.encoder.layer
         if not 0 <= tuned_layers <= len(layers):
@@ -169,7 +176,10 @@ class TransformerTextEncoder(nn.Module):
 
     def project(self, states: Tensor) -> Tensor:
         """Transformer states ``[..., H]`` → ``[..., d]``: the linear map (plus the residual
-        MLP with ``model.fragment_mlp``), before normalisation."""
+        MLP with ``model.fragment_mlp``), before normalisation (``model.feature_dropout``:
+        states partly dropped while training)."""
+        if self.dropout is not None:
+            states = self.dropout(states)
         out = self.fc(states)
         return out if self.mlp is None else out + self.mlp(states)
 

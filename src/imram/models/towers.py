@@ -16,7 +16,9 @@ def build_encoders(
     side a :class:`TextEncoder` or, for ``model.text_encoder`` other than ``gru``, a
     pretrained :class:`~imram.models.text_transformer.TransformerTextEncoder`. A GRU, itself
     trained, gets no residual MLP (``model.fragment_mlp`` adds one to the regions only)."""
-    image = ImageEncoder(config.img_dim, config.embed_dim, config.fragment_mlp)
+    image = ImageEncoder(
+        config.img_dim, config.embed_dim, config.fragment_mlp, config.feature_dropout
+    )
     if config.text_encoder != "gru":
         return image, TransformerTextEncoder(
             config.text_encoder,
@@ -24,6 +26,7 @@ def build_encoders(
             config.freeze_text,
             config.fragment_mlp,
             config.text_tuned_layers,
+            config.feature_dropout,
         )
     text = TextEncoder(config.vocab_size, config.word_dim, config.embed_dim, config.gru_layers)
     return image, text

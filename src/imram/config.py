@@ -29,6 +29,7 @@ __all__ = [
     "BRANCHES",
     "MEMBER_BANKS",
     "MEMBER_POOLS",
+    "LOSSES",
     "LR_SCHEDULES",
     "MINING",
     "POOLINGS",
@@ -48,6 +49,7 @@ __all__ = [
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MINING = ("exact", "shortlist", "off")
 LR_SCHEDULES = ("step", "cosine")
+LOSSES = ("hinge", "infonce")
 
 
 @dataclass
@@ -70,6 +72,11 @@ class TrainConfig:
     grad_clip: float = 2.0
     margin: float = 0.2
     hardest_negative: bool = True
+    # ``hinge`` (the papers': margin, hardest negatives, the warm-up) or ``infonce``: the
+    # cross-entropy of each query's softmax over the batch at ``temperature`` (every pair in
+    # autograd: train.mining off).
+    loss: str = "hinge"
+    temperature: float = 0.05
     # With hardest negatives: ``exact`` scores the batch without autograd, picks each query's
     # hardest negative and re-scores only those 3·B pairs with autograd (the same loss and
     # gradients); ``shortlist`` scores fully only each query's ``mining_shortlist`` best
@@ -138,6 +145,12 @@ class TrainConfig:
         for key in ("lr", "text_lr", "score_budget_mb", "distill_temperature"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"train.loss={self.loss!r} must be one of {', '.join(LOSSES)}")
+        if self.loss == "infonce" and self.mining != "off":
+            raise ConfigError("train.loss: infonce scores every pair; set train.mining: off")
+        if not self.temperature > 0:
+            raise ConfigError(f"train.temperature={self.temperature!r} must be > 0")
         if self.weight_decay < 0:
             raise ConfigError(f"train.weight_decay={self.weight_decay!r} must be >= 0")
         if self.lr_schedule not in LR_SCHEDULES:

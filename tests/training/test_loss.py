@@ -1,11 +1,13 @@
-"""The hinge triplet loss against hand-computed values."""
+"""The hinge triplet loss against hand-computed values; InfoNCE against a plain softmax."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from imram.training.loss import triplet_loss
+from imram.training.loss import contrastive_loss, triplet_loss
 
 SIMS = torch.tensor([[0.9, 0.8, 0.1], [0.3, 0.5, 0.6], [0.2, 0.1, 0.7]])
 
@@ -39,3 +41,29 @@ def test_positive_mask_removes_same_image_negatives():
 def test_rejects_non_square():
     with pytest.raises(ValueError, match="square"):
         triplet_loss(torch.zeros(2, 3))
+
+
+def test_contrastive_loss_equals_a_plain_softmax_per_query():
+    torch.manual_seed(0)
+    sims = torch.randn(5, 5, dtype=torch.float64)
+    expected = 0.0
+    for b in range(5):
+        row = torch.exp(sims[b] / (3 * 0.1))
+        col = torch.exp(sims[:, b] / (3 * 0.1))
+        expected += -math.log(row[b] / row.sum()) - math.log(col[b] / col.sum())
+    got = contrastive_loss(sims, 0.1, terms=3)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="square"):
+        contrastive_loss(torch.zeros(2, 3), 0.1)
+
+
+def test_infonce_needs_every_pair_in_autograd():
+    from imram.config import TrainConfig
+    from imram.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.mining: off"):
+        TrainConfig(loss="infonce").validate()
+    with pytest.raises(ConfigError, match="train.loss"):
+        TrainConfig(loss="ntxent", mining="off").validate()
+    with pytest.raises(ConfigError, match="train.temperature"):
+        TrainConfig(loss="infonce", mining="off", temperature=0.0).validate()

@@ -231,3 +231,11 @@ def test_patience_stops_after_validations_without_improvement(toy_data, tmp_path
     longer = _config("train.epochs=10", "train.patience=4", "train.lr=1e-12", "model.steps=1")
     more = train(longer, toy_data, tmp_path / "run", resume=True, progress=False)
     assert more.plateaued and more.epoch == 5
+
+
+@pytest.mark.parametrize("preset", ["vsepp", "scan_t2i"])
+def test_infonce_training_lifts_rsum_far_above_chance(toy_data, tmp_path, preset):
+    sets = ["train.loss=infonce", "train.mining=off", "train.epochs=5", "train.temperature=0.1"]
+    config = load_config(preset, [*SMALL, *sets])
+    result = train(config, toy_data, tmp_path / "run", progress=False)
+    assert result.best_rsum > 3 * chance_metrics(25, 125)["rsum"]

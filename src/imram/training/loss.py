@@ -1,4 +1,5 @@
-"""Hinge triplet ranking loss (design §loss), one implementation for every model."""
+"""Hinge triplet ranking loss (design §loss), one implementation for every model, and the
+contrastive (InfoNCE) alternative."""
 
 from __future__ import annotations
 
@@ -31,6 +32,20 @@ def triplet_loss(
     if hardest:
         return cost_caption.amax(dim=1).sum() + cost_image.amax(dim=0).sum()
     return cost_caption.sum() + cost_image.sum()
+
+
+def contrastive_loss(sims: Tensor, temperature: float, terms: int = 1) -> Tensor:
+    """InfoNCE in both directions over a batch's square score matrix: the cross-entropy of
+    each image's softmax over the batch's captions and each caption's over its images, the
+    match on the diagonal, summed over the batch (as the hinge is). Scores that sum ``terms``
+    cosines (a cross-attention model's) are divided by that count first, so that one
+    ``temperature`` fits every model."""
+    _not_negatives(sims, None)  # the shape check
+    logits = sims.float() / (terms * temperature)
+    target = torch.arange(sims.shape[0], device=sims.device)
+    rows = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+    cols = torch.nn.functional.cross_entropy(logits.T, target, reduction="sum")
+    return rows + cols
 
 
 def _not_negatives(sims: Tensor, positives: Tensor | None) -> Tensor:

@@ -44,7 +44,7 @@ from imram.models.text_transformer import TransformerTextEncoder, cache_token_st
 from imram.precision import autocast, resolve_precision
 from imram.training.batch import batch_scores, mined_batch_loss
 from imram.training.distill import distill_loss, load_teacher
-from imram.training.loss import triplet_loss
+from imram.training.loss import contrastive_loss, triplet_loss
 from imram.training.manifest import (
     MANIFEST,
     data_files,
@@ -351,14 +351,19 @@ class _Session:
         budget, recompute = tc.score_budget_mb, tc.activation_checkpointing
         with autocast(self.precision, device):
             negatives = 1 if hardest else tc.warmup_negatives
-            if tc.mining != "off" and negatives > 0:
+            if tc.loss == "hinge" and tc.mining != "off" and negatives > 0:
                 shortlist = tc.mining_shortlist if tc.mining == "shortlist" else None
                 loss = mined_batch_loss(
                     self.model, batch, device, budget, recompute, tc.margin, shortlist, negatives
                 )
             else:
                 sims = batch_scores(self.model, batch, device, budget, recompute)
-                loss = triplet_loss(sims.float(), tc.margin, hardest)
+                if tc.loss == "infonce":
+                    model = self.model
+                    terms = model.score_terms() if isinstance(model, CrossAttentionModel) else 1
+                    loss = contrastive_loss(sims, tc.temperature, terms)
+                else:
+                    loss = triplet_loss(sims.float(), tc.margin, hardest)
                 if self.teacher is not None:
                     with torch.no_grad():
                         taught = batch_scores(self.teacher, batch, device, budget, False)

@@ -12,6 +12,7 @@ from imram.data.text import Vocabulary
 from imram.errors import ConfigError, DataError
 from imram.evaluation import evaluate_model
 from imram.models import build_model
+from imram.retrieval.fusion import Fusion
 from imram.retrieval.latency import GallerySearch, TwoStageSearch, query_cost
 
 
@@ -84,6 +85,23 @@ def test_two_stage_ranks_the_shortlist_by_the_second_model(split):
         _assert_reranked(got, first[i], second[i], 6, 10)
     whole = TwoStageSearch(one, two, shortlist=split.num_images)  # every item: one stage
     _assert_best(whole.images_for(split.captions[12], 3), second[:, 12], 3)
+
+
+def test_fused_two_stage_ranks_the_shortlist_by_both_models(split):
+    """With a fusion the shortlist is ordered by the fused scores of both models' own scores
+    (a weight of 0 keeps the first model's order)."""
+    models = _models(split)
+    first, second = _matrix(models["member"], split), _matrix(models["imram"], split)
+    fusion = Fusion.standardising(first.ravel(), second.ravel(), 0.8)
+    fused = fusion.combine(first, second).reshape(first.shape)
+    one = GallerySearch(models["member"], split)
+    search = TwoStageSearch(one, GallerySearch(models["imram"], split), 6, fusion)
+    for j in (0, 30):
+        _assert_reranked(search.images_for(split.captions[j], 6), first[:, j], fused[:, j], 6, 6)
+    for i in (0, 11):
+        _assert_reranked(search.captions_for(split.image(i), 6), first[i], fused[i], 6, 6)
+    kept = TwoStageSearch(one, GallerySearch(models["imram"], split), 6, fusion.with_weight(0))
+    _assert_best(kept.images_for(split.captions[5], 6), first[:, 5], 6)
 
 
 def test_query_cost_times_each_way(split):

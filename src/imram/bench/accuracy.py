@@ -39,6 +39,8 @@ class AccuracyRow:
     rerank: str | None = None
     shortlist: int | None = None
     in_shortlist: float | None = None
+    t2i_ms: float | None = None
+    i2t_ms: float | None = None
 
     @property
     def label(self) -> str:
@@ -189,23 +191,35 @@ def evaluate_runs(
     pair; a cross-attention model re-ranks ``rerank_with``'s shortlists, and scores every pair
     with ``one_stage`` or without ``rerank_with`` (5 M pairs on a 1,000-photo split: most of an
     hour on 2 cores).
+    Each metrics dict adds ``t2i_ms`` and ``i2t_ms``: one query's milliseconds against the
+    split's gallery encoded in advance (:func:`imram.retrieval.latency.query_cost`, 50 each
+    way), one stage or the two stages (fused where fused).
     Returns, per preset, (metrics, protocol, shortlisting preset, k) tuples."""
     from imram.checkpoint import load_checkpoint
     from imram.data import PrecompDataset
     from imram.evaluation import evaluate_model
     from imram.models.interface import CrossAttentionModel
+    from imram.retrieval.fusion import Fusion
+    from imram.retrieval.latency import GallerySearch, TwoStageSearch, query_cost
     from imram.retrieval.two_stage import rerank_split
 
     loaded = {preset: load_checkpoint(run) for preset, run in runs.items()}
     out: dict[str, list[tuple[dict[str, Any], str, str | None, int | None]]] = {}
+    searches: dict[str, GallerySearch] = {}
+
+    def timed(metrics: dict[str, Any], search: Any, dataset: PrecompDataset) -> dict[str, Any]:
+        cost = query_cost(search, dataset)
+        return {**metrics, "t2i_ms": cost.t2i_ms, "i2t_ms": cost.i2t_ms}
+
     for preset, ckpt in loaded.items():
         model = ckpt.model.to(device)
         dataset = PrecompDataset(data, split, ckpt.vocab)
         cross = isinstance(model, CrossAttentionModel)
         rows = out.setdefault(preset, [])
+        searches[preset] = GallerySearch(model, dataset, device)
         if not cross or one_stage or rerank_with is None:
             metrics, _, _ = evaluate_model(model, dataset, "1k", device=device)
-            rows.append((metrics, "1k, one stage", None, None))
+            rows.append((timed(metrics, searches[preset], dataset), "1k, one stage", None, None))
         if cross and rerank_with is not None:
             if rerank_with not in loaded:
                 raise ConfigError(f"bench accuracy: --rerank-with {rerank_with} is not trained")
@@ -220,12 +234,20 @@ def evaluate_runs(
                 device,
                 fusion_weights=FUSION_WEIGHTS,
             )
+            if rerank_with not in searches:
+                first_data = PrecompDataset(data, split, first.vocab)
+                searches[rerank_with] = GallerySearch(first.model, first_data, device)
+            pair = searches[rerank_with]
             for r in results:
                 k = r["shortlist"]
-                rows.append((r, f"1k, two stage (top {k})", rerank_with, k))
+                size = dataset.num_captions if k == "all" else k
+                two = TwoStageSearch(pair, searches[preset], size)
+                rows.append((timed(r, two, dataset), f"1k, two stage (top {k})", rerank_with, k))
                 w = r["fusion"]["weight"]
                 fused = {**r["fused"][str(w)], "fusion": r["fusion"]}
-                rows.append((fused, f"1k, two stage fused (top {k}, w {w:g})", rerank_with, k))
+                two = TwoStageSearch(pair, searches[preset], size, Fusion(**r["fusion"]))
+                label = f"1k, two stage fused (top {k}, w {w:g})"
+                rows.append((timed(fused, two, dataset), label, rerank_with, k))
     return out
 
 
@@ -296,6 +318,8 @@ def bench_accuracy(
                         first,
                         k,
                         inside,
+                        metrics.get("t2i_ms"),
+                        metrics.get("i2t_ms"),
                     )
                 )
     out.mkdir(parents=True, exist_ok=True)
@@ -307,6 +331,14 @@ def _mean_spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _milliseconds(rows: list[AccuracyRow]) -> str:
+    timed = [r for r in rows if r.t2i_ms is not None and r.i2t_ms is not None]
+    if not timed:
+        return ""
+    t2i = statistics.mean(r.t2i_ms for r in timed)
+    return f"{t2i:.1f} / {statistics.mean(r.i2t_ms for r in timed):.1f}"
 
 
 def format_accuracy(report: AccuracyReport) -> str:
@@ -321,8 +353,9 @@ def format_accuracy(report: AccuracyReport) -> str:
         f"Accuracy on {report.data}, split {report.split} (1K protocol); {budget}; seeds {seeds}.",
         "",
         "| model | protocol | minutes | epochs | best epoch | ended by | samples/s "
-        "| i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | true match in shortlist |",
-        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | true match in shortlist "
+        "| ms/query t2i / i2t |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, rows in groups.items():
         first = rows[0]
@@ -339,6 +372,7 @@ def format_accuracy(report: AccuracyReport) -> str:
             *(_mean_spread([r.metrics[k] for r in rows]) for k in RECALL_KEYS),
             _mean_spread([r.metrics["rsum"] for r in rows]),
             f"{inside} %" if inside else "",
+            _milliseconds(rows),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     trained = {(r.preset, r.seed): r.minutes for r in report.rows}

@@ -22,6 +22,7 @@ from imram.data import PrecompDataset
 from imram.errors import ConfigError, DataError
 from imram.evaluation import encode_split
 from imram.models.interface import CrossAttentionModel, EmbeddingModel, RetrievalModel
+from imram.retrieval.fusion import Fusion
 
 
 class Search(Protocol):
@@ -105,24 +106,38 @@ class GallerySearch:
 
 class TwoStageSearch:
     """``first``'s dot products pick each query's ``shortlist`` candidates; ``second`` re-scores
-    only those. A true match outside the shortlist is never seen."""
+    only those (ranked by both stages' fused scores with ``fusion``). A true match outside the
+    shortlist is never seen."""
 
-    def __init__(self, first: GallerySearch, second: GallerySearch, shortlist: int) -> None:
+    def __init__(
+        self,
+        first: GallerySearch,
+        second: GallerySearch,
+        shortlist: int,
+        fusion: Fusion | None = None,
+    ) -> None:
         if not isinstance(first.model, EmbeddingModel):
             raise ConfigError(f"the first stage must be an embedding model, not {first.model!r}")
         if shortlist < 1:
             raise ConfigError(f"shortlist={shortlist} must be >= 1")
         self.first, self.second, self.shortlist = first, second, shortlist
+        self.fusion = fusion
+
+    def _ranked(self, candidates: Tensor, first: Tensor, second: Tensor, k: int) -> Tensor:
+        if self.fusion is not None:
+            fused = self.fusion.combine(first.double().cpu().numpy(), second.cpu().numpy())
+            second = torch.from_numpy(fused).to(second.device)
+        return candidates[torch.topk(second, min(k, len(candidates))).indices]
 
     def images_for(self, text: str, k: int) -> Tensor:
-        rows = self.first.images_for(text, self.shortlist)
-        scores = self.second.image_scores(text, rows)
-        return rows[torch.topk(scores, min(k, len(rows))).indices]
+        first = self.first.image_scores(text)
+        rows = torch.topk(first, min(self.shortlist, len(first))).indices
+        return self._ranked(rows, first[rows], self.second.image_scores(text, rows), k)
 
     def captions_for(self, features: Tensor, k: int) -> Tensor:
-        cols = self.first.captions_for(features, self.shortlist)
-        scores = self.second.caption_scores(features, cols)
-        return cols[torch.topk(scores, min(k, len(cols))).indices]
+        first = self.first.caption_scores(features)
+        cols = torch.topk(first, min(self.shortlist, len(first))).indices
+        return self._ranked(cols, first[cols], self.second.caption_scores(features, cols), k)
 
 
 @dataclass

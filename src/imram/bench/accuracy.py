@@ -110,14 +110,14 @@ def prepared_data(
 def _done(run: Path, minutes: float) -> bool:
     """Whether ``run`` needs no more training: every epoch done, stopped early by patience,
     or its training time at the budget."""
-    from imram.checkpoint import read_meta
+    from imram.checkpoint import read_meta, saved_config
     from imram.config import Config
 
     last = run / "last"
     if not (last / "checkpoint.json").is_file():
         return False
     meta = read_meta(last)
-    state, train = meta["state"], Config.from_dict(meta["config"]).train
+    state, train = meta["state"], Config.from_dict(saved_config(meta)).train
     patience = bool(train.patience) and state.get("stale", 0) >= train.patience
     budget = bool(minutes) and state.get("train_seconds", 0.0) >= 60 * minutes
     return state["epoch"] >= train.epochs or patience or budget
@@ -153,11 +153,11 @@ def train_run(
 def run_summary(run: Path, n_train: int) -> dict[str, Any]:
     """Training minutes, epochs (fractional, of ``n_train`` captions), the epoch of the best
     validation, samples/s and how the run ended, from ``last/`` and ``metrics.jsonl``."""
-    from imram.checkpoint import read_meta
+    from imram.checkpoint import read_meta, saved_config
     from imram.config import Config
 
     meta = read_meta(run / "last")
-    state, train = meta["state"], Config.from_dict(meta["config"]).train
+    state, train = meta["state"], Config.from_dict(saved_config(meta)).train
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     vals = [e for e in events if e["event"] == "val"]
     best = max(vals, key=lambda e: e["rsum"]) if vals else None

@@ -112,9 +112,10 @@ def equal_time_section(
                     f"{data['captions_per_image']:.1f} descriptions each, "
                     f"{data['words_per_caption']:.1f} words long on average, and show one "
                     "object on a plain background: a single global vector already matches "
-                    "them. Word-region alignment pays on scenes of several objects with five "
-                    "descriptions of 10-12 words each (Flickr30K, COCO: design §numbers), which is "
-                    "what would put it ahead."
+                    "them. The published gains of word-region alignment were measured with "
+                    "detector regions of Flickr30K and COCO scenes (design §numbers); on real "
+                    "photos with five 10-12-word captions and these grid features it has so far "
+                    "measured below a tuned VSE++ (docs/benchmarks.md, real photos)."
                 )
         early = best_by(runs[0]["curve"], short)
         first_val = runs[0]["curve"][0]["train_seconds"]

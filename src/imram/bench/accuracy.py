@@ -88,7 +88,7 @@ def prepared_data(
     if (data / META_NAME).is_file() or any(data.glob("*_caps.txt")):
         return data
     missing = [
-        f"{flag} {value}"
+        f"{flag} (not given)" if value is None else f"{flag} {value} (not found)"
         for flag, value, ok in (
             ("--photos", images, images is not None and Path(images).is_dir()),
             ("--caption-file", captions, captions is not None and Path(captions).is_file()),
@@ -98,7 +98,7 @@ def prepared_data(
     if missing:
         raise ConfigError(
             f"bench accuracy: {data} holds no precomp folder (no {META_NAME}) and cannot be "
-            f"prepared: missing {', '.join(str(m) for m in missing)} (--photos: the images "
+            f"prepared: {', '.join(missing)} (--photos: the images "
             "folder, --caption-file: their captions, e.g. Flickr8k's Flickr8k.token.txt)"
         )
     from imram.workflows.prepare import prepare_folder

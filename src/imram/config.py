@@ -104,12 +104,12 @@ class TrainConfig:
     # validations only); stop after this many non-finite steps in a row (each is skipped).
     checkpoint_every: int = 0
     max_nonfinite_steps: int = 5
+    # Start from the trained weights of another run (a run folder means its best/) wherever
+    # names match (another shape is refused), e.g. a cross-attention model's fragment encoders
+    # from an embedding model's (training/warm_start.py); ignored on resume.
+    init_from: str = ""
     # A trained cross-attention checkpoint whose batch scores an embedding model learns beside
     # the hinge loss (training/distill.py): KL of row and column softmaxes at this temperature.
-    # Start from the trained weights of another run (a run folder means its best/) wherever
-    # names and shapes match, e.g. a cross-attention model's fragment encoders from an
-    # embedding model's (training/warm_start.py); ignored on resume.
-    init_from: str = ""
     distill_from: str = ""
     distill_weight: float = 1.0
     distill_temperature: float = 0.05

@@ -12,11 +12,14 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imram.errors import ConfigError, DataError
 from imram.metrics import METRIC_KEYS, format_duration
 from imram.retrieval.fusion import FUSION_WEIGHTS
+
+if TYPE_CHECKING:
+    from imram.config import TrainConfig
 
 SHORTLISTS = (10, 30, 100)
 RECALL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
@@ -107,20 +110,24 @@ def prepared_data(
     return data
 
 
-def _done(run: Path, minutes: float) -> bool:
-    """Whether ``run`` needs no more training: every epoch done, stopped early by patience,
-    or its training time at the budget."""
+def _last_state(run: Path) -> tuple[dict[str, Any], TrainConfig]:
+    """The state and the train config of ``run/last``."""
     from imram.checkpoint import read_meta, saved_config
     from imram.config import Config
 
-    last = run / "last"
-    if not (last / "checkpoint.json").is_file():
-        return False
-    meta = read_meta(last)
-    state, train = meta["state"], Config.from_dict(saved_config(meta)).train
-    patience = bool(train.patience) and state.get("stale", 0) >= train.patience
-    budget = bool(minutes) and state.get("train_seconds", 0.0) >= 60 * minutes
-    return state["epoch"] >= train.epochs or patience or budget
+    meta = read_meta(run / "last")
+    return meta["state"], Config.from_dict(saved_config(meta)).train
+
+
+def _ended_by(state: dict[str, Any], train: TrainConfig, minutes: float) -> str | None:
+    """Why a run with this last state needs no more training (None: it does)."""
+    if train.patience and state.get("stale", 0) >= train.patience:
+        return f"patience {train.patience}"
+    if state["epoch"] >= train.epochs:
+        return "all epochs"
+    if minutes and state.get("train_seconds", 0.0) >= 60 * minutes:
+        return "time budget"
+    return None
 
 
 def train_run(
@@ -134,7 +141,7 @@ def train_run(
 ) -> None:
     """Train ``preset`` into ``run`` in a fresh process (resuming an unfinished run, keeping
     a finished one): each preset starts from a clean interpreter, as a user's run would."""
-    if _done(run, minutes):
+    if (run / "last" / "checkpoint.json").is_file() and _ended_by(*_last_state(run), minutes):
         return
     sets = [*overrides, f"train.seed={seed}"]
     if minutes:
@@ -153,28 +160,18 @@ def train_run(
 def run_summary(run: Path, n_train: int) -> dict[str, Any]:
     """Training minutes, epochs (fractional, of ``n_train`` captions), the epoch of the best
     validation, samples/s and how the run ended, from ``last/`` and ``metrics.jsonl``."""
-    from imram.checkpoint import read_meta, saved_config
-    from imram.config import Config
-
-    meta = read_meta(run / "last")
-    state, train = meta["state"], Config.from_dict(saved_config(meta)).train
+    state, train = _last_state(run)
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     vals = [e for e in events if e["event"] == "val"]
     best = max(vals, key=lambda e: e["rsum"]) if vals else None
     samples = state["epoch"] * n_train + min(state["batch"] * train.batch_size, n_train)
     seconds = state.get("train_seconds", 0.0)
-    if any(e["event"] == "early_stop" for e in events):
-        stopped = f"patience {train.patience}"
-    elif state["epoch"] >= train.epochs:
-        stopped = "all epochs"
-    else:
-        stopped = "time budget"
     return {
         "minutes": seconds / 60,
         "epochs": samples / n_train,
         "best_epoch": None if best is None else best["epoch"] + 1,
         "samples_per_s": samples / seconds if seconds else math.nan,
-        "stopped": stopped,
+        "stopped": _ended_by(state, train, 0.0) or "time budget",
     }
 
 
@@ -224,9 +221,10 @@ def evaluate_runs(
             if rerank_with not in loaded:
                 raise ConfigError(f"bench accuracy: --rerank-with {rerank_with} is not trained")
             first = loaded[rerank_with]
+            first_data = PrecompDataset(data, split, first.vocab)
             results = rerank_split(
                 first.model.to(device),
-                PrecompDataset(data, split, first.vocab),
+                first_data,
                 model,
                 dataset,
                 list(shortlists),
@@ -235,7 +233,6 @@ def evaluate_runs(
                 fusion_weights=FUSION_WEIGHTS,
             )
             if rerank_with not in searches:
-                first_data = PrecompDataset(data, split, first.vocab)
                 searches[rerank_with] = GallerySearch(first.model, first_data, device)
             pair = searches[rerank_with]
             for r in results:

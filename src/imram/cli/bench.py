@@ -253,7 +253,7 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--data",
         help="two-stage, training, accuracy: precomp folder (accuracy: prepared there from "
-        "--images and --captions when it holds none; default runs/accuracy/data)",
+        "--photos and --caption-file when it holds none; default runs/accuracy/data)",
     )
     bench.add_argument(
         "--split", help="two-stage, training: split (default test); accuracy: (default dev)"

@@ -61,25 +61,33 @@ def residual_mlp(in_dim: int, out_dim: int) -> nn.Sequential:
     return mlp
 
 
-class ImageEncoder(nn.Module):
+class FragmentProjection(nn.Module):
+    """What maps a fragment's features into the joint space, shared by the region and the
+    pretrained word encoders: ``fc`` (plus the residual ``mlp`` with ``model.fragment_mlp``),
+    reading features partly dropped while training (``model.feature_dropout``)."""
+
+    def __init__(self, in_dim: int, out_dim: int, mlp: bool, dropout: float) -> None:
+        super().__init__()
+        self.fc = xavier_linear(in_dim, out_dim)
+        self.mlp = residual_mlp(in_dim, out_dim) if mlp else None
+        self.dropout = nn.Dropout(dropout) if dropout else None
+
+    def project(self, features: Tensor) -> Tensor:
+        """``[..., in_dim]`` → ``[..., d]`` projected fragments, before normalisation."""
+        if self.dropout is not None:
+            features = self.dropout(features)
+        out = self.fc(features)
+        return out if self.mlp is None else out + self.mlp(features)
+
+
+class ImageEncoder(FragmentProjection):
     """One linear map per region (plus a residual MLP with ``mlp``), then L2 per region; raw
     features are not normalised first (``dropout``: only dropped while training)."""
 
     def __init__(
         self, img_dim: int, embed_dim: int, mlp: bool = False, dropout: float = 0.0
     ) -> None:
-        super().__init__()
-        self.fc = xavier_linear(img_dim, embed_dim)
-        self.mlp = residual_mlp(img_dim, embed_dim) if mlp else None
-        self.dropout = nn.Dropout(dropout) if dropout else None
-
-    def project(self, features: Tensor) -> Tensor:
-        """``[N, R, img_dim]`` → ``[N, R, d]`` projected regions, before normalisation (with
-        ``model.feature_dropout``, of features partly dropped while training)."""
-        if self.dropout is not None:
-            features = self.dropout(features)
-        out = self.fc(features)
-        return out if self.mlp is None else out + self.mlp(features)
+        super().__init__(img_dim, embed_dim, mlp, dropout)
 
     def forward(self, features: Tensor) -> Tensor:
         """``[N, R, img_dim]`` → ``[N, R, d]`` unit region vectors."""

@@ -27,7 +27,7 @@ from imram import files
 from imram.data.precomp import pad_captions
 from imram.data.wordpiece import pretrained_dir
 from imram.errors import ConfigError, DataError
-from imram.models.encoders import l2norm, length_mask, masked_mean, residual_mlp, xavier_linear
+from imram.models.encoders import FragmentProjection, l2norm, length_mask, masked_mean
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class TokenStates:
         return out.masked_fill(~mask[..., None], 0.0).to(tokens.device)
 
 
-class TransformerTextEncoder(nn.Module):
+class TransformerTextEncoder(FragmentProjection):
     """Word pieces → pretrained transformer → Linear (+ residual MLP) → d → L2 per piece (zeros
     past length)."""
 
@@ -96,13 +96,10 @@ class TransformerTextEncoder(nn.Module):
         tuned_layers: int = 0,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
+        transformer = load_transformer(name)
+        super().__init__(transformer.config.hidden_size, embed_dim, mlp, dropout)
         self.name = name
-        self.transformer = load_transformer(name)
-        hidden = self.transformer.config.hidden_size
-        self.fc = xavier_linear(hidden, embed_dim)
-        self.mlp = residual_mlp(hidden, embed_dim) if mlp else None
-        self.dropout = nn.Dropout(dropout) if dropout else None
+        self.transformer = transformer
         self.frozen = frozen
         layers = self.transformer.encoder.layer
         if not 0 <= tuned_layers <= len(layers):
@@ -173,15 +170,6 @@ class TransformerTextEncoder(nn.Module):
         mask = length_mask(lengths.to(tokens.device), tokens.shape[1])
         words = l2norm(self.project(states)).masked_fill(~mask[..., None], 0.0)
         return words, self.project(masked_mean(states, mask))
-
-    def project(self, states: Tensor) -> Tensor:
-        """Transformer states ``[..., H]`` → ``[..., d]``: the linear map (plus the residual
-        MLP with ``model.fragment_mlp``), before normalisation (``model.feature_dropout``:
-        states partly dropped while training)."""
-        if self.dropout is not None:
-            states = self.dropout(states)
-        out = self.fc(states)
-        return out if self.mlp is None else out + self.mlp(states)
 
     def fingerprint(self) -> str:
         """SHA-256 of the frozen part's weights (all of them when nothing is tuned): equal

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,7 +120,3 @@ def load_fusion(
 def best_weight(rsums: dict[float, float]) -> float:
     """The weight of the highest rsum (the smallest weight among equals)."""
     return max(sorted(rsums), key=lambda w: rsums[w])
-
-
-def weights_or_default(weights: Sequence[float] | None) -> tuple[float, ...]:
-    return tuple(weights) if weights else FUSION_WEIGHTS

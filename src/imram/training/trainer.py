@@ -576,8 +576,8 @@ def _open(
     found = 0 if resume else init_word_embeddings(model, config, vocab)
     if config.model.freeze_words:
         model.text_encoder.embed.weight.requires_grad_(False)
-    if config.train.init_from and not resume:
-        copied = warm_start(model, config.train.init_from, vocab)
+    warm = None if resume or not config.train.init_from else config.train.init_from
+    copied = [] if warm is None else warm_start(model, warm, vocab)
     decay = config.train.weight_decay
     optimizer = torch.optim.Adam(
         _param_groups(model, config),
@@ -619,8 +619,8 @@ def _open(
             captions=len(train_set) + len(val_set),
             seconds=round(cached_seconds, 3),
         )
-    if config.train.init_from and not resume:
-        log.write(event="init_from", path=config.train.init_from, weights=copied)
+    if warm is not None:
+        log.write(event="init_from", path=warm, weights=copied)
     if found:
         log.write(
             event="word_vectors", name=config.model.word_vectors, found=found, vocab=len(vocab)

@@ -52,15 +52,13 @@ def warm_start(model: nn.Module, path: str | Path, vocab: Tokenizer) -> list[str
                 f"{tuple(own[name].shape)} here (model.embed_dim, model.img_dim and the text "
                 "encoder must match)"
             )
-    copied = shared
-    if not copied:
+    if not shared:
         name = saved_config(meta).get("model", {}).get("name", "?")
         raise ConfigError(
-            f"train.init_from={path}: its {name} model shares no trainable weight of this "
-            "model's names and shapes (model.embed_dim, model.img_dim and "
-            "model.text_encoder must match)"
+            f"train.init_from={path}: its {name} model shares no trainable weight name with "
+            "this model (model.img_dim, model.embed_dim and model.text_encoder must match)"
         )
     with torch.no_grad():
-        for name in copied:
+        for name in shared:
             own[name].copy_(weights[name].to(own[name].device))
-    return copied
+    return shared

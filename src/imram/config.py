@@ -90,6 +90,11 @@ class TrainConfig:
     # autograd), unless train.mining is off.
     warmup_negatives: int = 0
     val_every: int = 0
+    # Validate a cross-attention model by re-ranking this trained embedding run's (a run folder
+    # means its best/) top val_shortlist per query over the data.val_captions captions: the
+    # ranking a two-stage search serves (training/validation.py); "" scores every pair.
+    val_rerank: str = ""
+    val_shortlist: int = 30
     # Early stopping: end the run after this many validations in a row without a better rsum
     # (best/ keeps the best one); 0 trains every epoch.
     patience: int = 0
@@ -122,7 +127,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         counts = ("epochs", "batch_size", "lr_decay_epochs", "log_every", "max_nonfinite_steps")
-        for key in (*counts, "mining_shortlist"):
+        for key in (*counts, "mining_shortlist", "val_shortlist"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be >= 1")
         for key in (

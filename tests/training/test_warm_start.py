@@ -1,4 +1,5 @@
-"""A warm start (train.init_from), the cosine schedule and decoupled weight decay."""
+"""A warm start (train.init_from), validation by re-ranking (train.val_rerank), the cosine
+schedule and decoupled weight decay."""
 
 from __future__ import annotations
 
@@ -86,6 +87,57 @@ def test_training_from_a_warm_start(toy_data, vsepp_run, tmp_path):
     source = load_file(vsepp_run / "best" / "model.safetensors")
     trained = load_file(run / "last" / "model.safetensors")
     assert all(torch.allclose(trained[k], source[k], rtol=0, atol=1e-9) for k in event["weights"])
+
+
+def test_rerank_validation_is_the_two_stage_ranking(toy_data, vsepp_run, tmp_path):
+    """The logged validation is rerank_split of the two checkpoints; with a shortlist that
+    holds everything it is the full scoring of the validation split."""
+    from imram.checkpoint import load_checkpoint
+    from imram.data import PrecompDataset
+    from imram.evaluation import evaluate_model
+    from imram.retrieval.two_stage import rerank_split
+
+    run = tmp_path / "scan"
+    sets = [*SMALL, "model.steps=1", f"train.val_rerank={vsepp_run}", "train.val_shortlist=3"]
+    train(load_config("scan_t2i", sets), toy_data, run, progress=False)
+    events = _events(run)
+    (opened,) = [e for e in events if e["event"] == "val_rerank"]
+    (val,) = [e for e in events if e["event"] == "val"]
+    first, second = load_checkpoint(vsepp_run), load_checkpoint(run / "best")
+    dev = PrecompDataset(toy_data, "dev", first.vocab)
+    (expected,) = rerank_split(first.model, dev, second.model, dev, [3])
+    assert opened["first_rsum"] == pytest.approx(evaluate_model(first.model, dev)[0]["rsum"])
+    assert val["shortlist"] == 3 and val["t2i_in_shortlist"] < 100
+    for key in ("rsum", "i2t_r1", "t2i_r10", "t2i_in_shortlist", "i2t_in_shortlist"):
+        assert val[key] == pytest.approx(expected[key]), key
+
+    from imram.training.validation import open_validation
+
+    config = load_config("scan_t2i", [*sets[:-1], "train.val_shortlist=1000"])
+    reranking = open_validation(config, second.model, toy_data, dev, torch.device("cpu"))
+    full = evaluate_model(second.model, dev)[0]
+    assert reranking(second.model)["rsum"] == pytest.approx(full["rsum"])
+
+
+def test_rerank_validation_refuses_other_models(toy_data, vsepp_run, tmp_path):
+    with pytest.raises(ConfigError, match="validates a cross-attention model"):
+        train(
+            load_config("vsepp", [*SMALL, f"train.val_rerank={vsepp_run}"]),
+            toy_data,
+            tmp_path / "a",
+            progress=False,
+        )
+    scan = tmp_path / "scan"
+    train(load_config("scan_t2i", [*SMALL, "model.steps=1"]), toy_data, scan, progress=False)
+    with pytest.raises(ConfigError, match="must be an embedding model"):
+        train(
+            load_config("scan_t2i", [*SMALL, "model.steps=1", f"train.val_rerank={scan}"]),
+            toy_data,
+            tmp_path / "b",
+            progress=False,
+        )
+    with pytest.raises(ConfigError, match="train.val_shortlist=0"):
+        TrainConfig(val_shortlist=0).validate()
 
 
 def test_cosine_schedule_and_step_schedule():

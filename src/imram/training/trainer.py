@@ -36,7 +36,6 @@ from imram.data.wordpiece import WordPieces
 from imram.devices import resolve_device
 from imram.distributed import any_rank, barrier, broadcast_object, sum_gradients, world
 from imram.errors import ConfigError, DataError, TrainingError
-from imram.evaluation import evaluate_model
 from imram.files import atomic_write_text, check_sealed, is_sibling_of
 from imram.models import build_model
 from imram.models.interface import CrossAttentionModel
@@ -53,6 +52,7 @@ from imram.training.manifest import (
     verify,
     write_manifest,
 )
+from imram.training.validation import Reranking, Validation, open_validation
 from imram.training.warm_start import warm_start
 
 
@@ -285,6 +285,7 @@ class _Session:
     state: TrainState
     lead: bool
     world_size: int
+    validation: Validation
     teacher: CrossAttentionModel | None = None
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -308,14 +309,7 @@ class _Session:
     def validate(self, epoch: int) -> bool:
         """Score the dev split, log it, and save ``best/`` when its rsum is the best so far;
         True when ``train.patience`` validations in a row have not improved on the best."""
-        metrics, _, _ = evaluate_model(
-            self.model,
-            self.val_set,
-            "1k",
-            self.config.data.val_captions,
-            budget_mb=self.config.train.score_budget_mb,
-            device=self.device,
-        )
+        metrics = self.validation(self.model)
         self.last_metrics = metrics
         self.log.write(
             event="val",
@@ -605,6 +599,7 @@ def _open(
     teacher = None
     if config.train.distill_from:
         teacher = load_teacher(config.train.distill_from, vocab, config.model.img_dim, device)
+    validation = open_validation(config, model, data, val_set, device)
     precision = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     log = _Log(run / "metrics.jsonl" if lead else None)
@@ -618,6 +613,13 @@ def _open(
             encoder=config.model.text_encoder,
             captions=len(train_set) + len(val_set),
             seconds=round(cached_seconds, 3),
+        )
+    if isinstance(validation, Reranking):
+        log.write(
+            event="val_rerank",
+            path=config.train.val_rerank,
+            shortlist=config.train.val_shortlist,
+            first_rsum=validation.first_metrics["rsum"],
         )
     if warm is not None:
         log.write(event="init_from", path=warm, weights=copied)
@@ -646,5 +648,6 @@ def _open(
         state,
         lead,
         world_size,
+        validation,
         teacher,
     )

@@ -28,6 +28,7 @@ from torch import nn
 
 from imram import files
 from imram.config import Config
+from imram.data.precomp import PrecompDataset
 from imram.data.text import Tokenizer, Vocabulary, tokenizer_from_json
 from imram.errors import DataError
 from imram.models import build_model
@@ -47,6 +48,14 @@ class Checkpoint:
     vocab: Tokenizer | None
     path: Path
     state: dict[str, Any] = field(default_factory=dict)
+
+    def open_split(self, data: str | Path, split: str) -> PrecompDataset:
+        """``split`` of the precomp folder ``data`` as this model reads it: tokenised with its
+        vocabulary, its images as region features or, for a tuned image tower, the trunk cache
+        (checked against the model: never the frozen grid to a tuned tower)."""
+        dataset = PrecompDataset(data, split, self.vocab, self.config.model.trunk_stages)
+        dataset.require_input(self.config.model, f"the checkpoint {self.path}")
+        return dataset
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -62,6 +62,9 @@ class TrainConfig:
     # A fine-tuned pretrained text encoder's learning rate (model.text_encoder other than gru,
     # model.freeze_text false): pretrained weights move less than new ones; decays with lr.
     text_lr: float = 2e-5
+    # A tuned image tower's learning rate (model.image_tower: tuned): pretrained convolutions,
+    # in their own group; decays with lr.
+    tower_lr: float = 1e-4
     lr_decay_epochs: int = 15
     lr_decay: float = 0.1
     # ``step``: lr × lr_decay every lr_decay_epochs (the papers'); ``cosine``: lr × (1 +
@@ -147,7 +150,7 @@ class TrainConfig:
                 "train.distill_from needs train.mining: off (the teacher's ranking is learned "
                 "over the whole batch's scores)"
             )
-        for key in ("lr", "text_lr", "score_budget_mb", "distill_temperature"):
+        for key in ("lr", "text_lr", "tower_lr", "score_budget_mb", "distill_temperature"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r} must be > 0")
         if self.loss not in LOSSES:

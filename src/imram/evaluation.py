@@ -100,7 +100,7 @@ def evaluate_model(
     ``progress`` shows a bar with pairs/s while a single process scores.
     Returns the metrics, the ``[n_images, n_captions]`` float32 matrix and its cap2img.
     """
-    dataset.require_feature_dim(model.config.img_dim, f"the model ({model.config.name})")
+    dataset.require_input(model.config, f"the model ({model.config.name})")
     precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()

@@ -23,6 +23,7 @@ MEMBER_BANKS = ("queue", "learned", "kmeans")
 MEMBER_FUSIONS = ("residual", "fragments")
 MEMBER_MEMORIES = ("relative", "centered", "raw")
 MEMBER_POOLS = ("mean", "attention")
+IMAGE_TOWERS = ("frozen", "tuned")
 
 
 @dataclass
@@ -54,6 +55,13 @@ class ModelConfig:
     # With a frozen pretrained text encoder: its last N layers train (from their pretrained
     # weights, at train.text_lr) over the cached states of the layers below.
     text_tuned_layers: int = 0
+    # The image side's input: "frozen" reads the prepared region grid; "tuned" trains the
+    # backbone's last tower_stages stages and head (from tower_backbone's installed ImageNet
+    # weights; that backbone must have made the data) over the cached trunk output below them
+    # (imram prepare folder --tower-stages N), at train.tower_lr.
+    image_tower: str = "frozen"
+    tower_stages: int = 2
+    tower_backbone: str = "efficientnet_lite0"
     # Word embeddings: "" (random) or "glove-6b-50d" (needs word_dim 50); frozen or trained.
     word_vectors: str = ""
     freeze_words: bool = False
@@ -108,6 +116,7 @@ class ModelConfig:
             "member_fusion": MEMBER_FUSIONS,
             "member_memory": MEMBER_MEMORIES,
             "text_encoder": TEXT_ENCODERS,
+            "image_tower": IMAGE_TOWERS,
         }
         for key, allowed in choices.items():
             value = getattr(self, key)
@@ -160,12 +169,40 @@ class ModelConfig:
             )
         if not 0 <= self.feature_dropout < 1:
             raise ConfigError(f"model.feature_dropout={self.feature_dropout!r} must lie in [0, 1)")
+        self._validate_tower()
         if not self.member_gate_scale > 0:
             raise ConfigError(f"model.member_gate_scale={self.member_gate_scale!r} must be > 0")
         if not 0 <= self.member_ema < 1:
             raise ConfigError(f"model.member_ema={self.member_ema!r} must lie in [0, 1)")
         if self.lambda_image is not None and not self.lambda_image > 0:
             raise ConfigError(f"model.lambda_image={self.lambda_image!r} must be > 0 or null")
+
+    def _validate_tower(self) -> None:
+        from imram.features.efficientnet_lite import HEAD_CHANNELS, STAGES, VARIANTS
+
+        stages = self.tower_stages
+        if (
+            isinstance(stages, bool)
+            or not isinstance(stages, int)
+            or not 1 <= stages <= len(STAGES)
+        ):
+            raise ConfigError(
+                f"model.tower_stages={stages!r} must be an integer in [1, {len(STAGES)}]"
+            )
+        if self.tower_backbone not in VARIANTS:
+            raise ConfigError(
+                f"model.tower_backbone={self.tower_backbone!r} is not one of {', '.join(VARIANTS)}"
+            )
+        if self.image_tower == "tuned" and self.img_dim != HEAD_CHANNELS:
+            raise ConfigError(
+                f"model.image_tower: tuned outputs the backbone's {HEAD_CHANNELS}-d regions; "
+                f"model.img_dim is {self.img_dim}"
+            )
+
+    @property
+    def trunk_stages(self) -> int:
+        """The stages whose input the model reads from a trunk cache; 0: region features."""
+        return self.tower_stages if self.image_tower == "tuned" else 0
 
     @property
     def image_lambda(self) -> float:

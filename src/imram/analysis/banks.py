@@ -77,8 +77,7 @@ def bank_analysis(
         raise ConfigError(
             f"{loaded.path}: a {loaded.config.model.name} checkpoint; banks are MEMBER's"
         )
-    dataset = PrecompDataset(data, split, loaded.vocab)
-    dataset.require_feature_dim(loaded.config.model.img_dim, f"the checkpoint {loaded.path}")
+    dataset = loaded.open_split(data, split)
     cfg = loaded.config.model
     image_bank, text_bank = model.bank("image"), model.bank("text")
     if image_bank.shape[0] == 0 or text_bank.shape[0] == 0:

@@ -25,7 +25,6 @@ from imram.analysis.plots import DISTINCT_LINES, line_chart
 from imram.analysis.pos import CLASSES, word_classes
 from imram.analysis.report import AnalysisReport, write_report_files
 from imram.analysis.traces import TextTrace, load_text_checkpoint, text_traces
-from imram.data import PrecompDataset
 from imram.devices import default_device
 from imram.errors import ConfigError
 
@@ -132,8 +131,7 @@ def salient_analysis(
     device = device or str(default_device())
     loaded = load_text_checkpoint(checkpoint, device)
     vocab = loaded.vocab
-    dataset = PrecompDataset(data, split, vocab)
-    dataset.require_feature_dim(loaded.config.model.img_dim, f"the checkpoint {loaded.path}")
+    dataset = loaded.open_split(data, split)
     chosen = _sample(dataset.num_captions, max_pairs, seed)
     by_image: dict[int, list[int]] = {}
     for j in chosen.tolist():

@@ -140,7 +140,7 @@ def _test_metrics(
     if {k: cached.get(k) for k in stamp} == stamp and "metrics" in cached:
         return where, meta, cached["metrics"]
     checkpoint = load_checkpoint(where)
-    dataset = PrecompDataset(data, split, checkpoint.vocab)
+    dataset = checkpoint.open_split(data, split)
     found, _, _ = evaluate_model(checkpoint.model.to(device), dataset, protocol, device=device)
     metrics = {k: float(found[k]) for k in METRIC_KEYS}
     record.setdefault("eval", {})[f"{split}/{protocol}"] = {**stamp, "metrics": metrics}

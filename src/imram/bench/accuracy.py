@@ -210,7 +210,7 @@ def evaluate_runs(
 
     for preset, ckpt in loaded.items():
         model = ckpt.model.to(device)
-        dataset = PrecompDataset(data, split, ckpt.vocab)
+        dataset = ckpt.open_split(data, split)
         cross = isinstance(model, CrossAttentionModel)
         rows = out.setdefault(preset, [])
         searches[preset] = GallerySearch(model, dataset, device)
@@ -221,7 +221,7 @@ def evaluate_runs(
             if rerank_with not in loaded:
                 raise ConfigError(f"bench accuracy: --rerank-with {rerank_with} is not trained")
             first = loaded[rerank_with]
-            first_data = PrecompDataset(data, split, first.vocab)
+            first_data = first.open_split(data, split)
             results = rerank_split(
                 first.model.to(device),
                 first_data,

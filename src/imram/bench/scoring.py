@@ -165,10 +165,9 @@ def low_precision_rsum(
 ) -> str:
     """One line: the rsum of a checkpoint on a split under ``precision`` and in fp32."""
     from imram.checkpoint import load_checkpoint
-    from imram.data import PrecompDataset
 
     loaded = load_checkpoint(checkpoint)
-    dataset = PrecompDataset(data, split, loaded.vocab)
+    dataset = loaded.open_split(data, split)
     metrics, _, _ = evaluate_model(
         loaded.model, dataset, "1k", precision=precision, against_fp32=True
     )

@@ -107,12 +107,11 @@ def bench_two_stage(
     (an embedding model) shortlists, the ``second`` (IMRAM) re-ranks; the last row is the
     second model alone, scoring every pair."""
     from imram.checkpoint import load_checkpoint
-    from imram.data import PrecompDataset
     from imram.retrieval.two_stage import rerank_split
 
     a, b = load_checkpoint(first), load_checkpoint(second)
-    a_data = PrecompDataset(data, split, a.vocab)
-    b_data = PrecompDataset(data, split, b.vocab)
+    a_data = a.open_split(data, split)
+    b_data = b.open_split(data, split)
     start = time.perf_counter()
     alone, _, _ = evaluate_model(b.model.to(device), b_data, device=device)
     alone_seconds = time.perf_counter() - start

@@ -10,7 +10,6 @@ from imram.cli.common import load_model, write_json
 def _evaluate_rerank(args: argparse.Namespace) -> int:
     """``evaluate --rerank``: the --checkpoint shortlists, the --rerank checkpoint re-ranks."""
     from imram.checkpoint import load_checkpoint
-    from imram.data import PrecompDataset
     from imram.devices import default_device
     from imram.metrics import format_table
     from imram.retrieval.fusion import FUSION_WEIGHTS, Fusion, load_fusion, save_fusion
@@ -22,9 +21,9 @@ def _evaluate_rerank(args: argparse.Namespace) -> int:
     given = None if args.fusion is None else load_fusion(args.fusion, first, second)
     results = rerank_split(
         first.model.to(device),
-        PrecompDataset(args.data, args.split, first.vocab),
+        first.open_split(args.data, args.split),
         second.model.to(device),
-        PrecompDataset(args.data, args.split, second.vocab),
+        second.open_split(args.data, args.split),
         [None if k == 0 else k for k in args.shortlist],
         args.protocol,
         device,
@@ -77,7 +76,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.rerank:
         return _evaluate_rerank(args)
 
-    from imram.data import PrecompDataset
     from imram.devices import default_device, local_device
     from imram.distributed import process_group
     from imram.evaluation import evaluate_model
@@ -86,7 +84,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     with process_group() as (rank, world):
         device = args.device or (local_device() if world > 1 else default_device())
         checkpoint = load_model(args)
-        dataset = PrecompDataset(args.data, args.split, checkpoint.vocab)
+        dataset = checkpoint.open_split(args.data, args.split)
         model = checkpoint.model.to(device)
         metrics, sims, _ = evaluate_model(
             model,

@@ -4,6 +4,7 @@ folder."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from imram.cli.common import pick
 from imram.errors import ConfigError
@@ -15,8 +16,27 @@ def _extractor(args: argparse.Namespace):
     return ExtractorConfig(**pick(args, "backbone", "input_size", "batch_size", "resize"))
 
 
+def _trunk_cache(args: argparse.Namespace) -> None:
+    """``--tower-stages N``: the trunk cache a tuned image tower reads, added to ``--out``."""
+    from imram.workflows.trunk import add_trunk_cache
+
+    record = add_trunk_cache(
+        args.out, args.tower_stages, args.tower_dtype, not args.no_progress, args.device
+    )
+    shape = "x".join(map(str, record["shape"]))
+    print(
+        f"trunk cache for {args.tower_stages} tower stage(s) of {record['backbone']} in "
+        f"{args.out}: {shape} {record['dtype']} per picture, splits " + ", ".join(record["splits"])
+    )
+
+
 def _prepare(args: argparse.Namespace) -> int:
+    from imram.data.precomp import META_NAME
     from imram.workflows.prepare import prepare_folder, prepare_tuxpaint
+
+    if args.tower_stages and not args.overwrite and (Path(args.out) / META_NAME).is_file():
+        _trunk_cache(args)  # a prepared folder gains the cache; its features stay as they are
+        return 0
 
     common = dict(
         extractor=_extractor(args),
@@ -37,6 +57,8 @@ def _prepare(args: argparse.Namespace) -> int:
             **common,
         )
     print(report.summary())
+    if args.tower_stages:
+        _trunk_cache(args)
     return 0
 
 
@@ -75,6 +97,17 @@ def add_command(commands: argparse._SubParsersAction) -> None:
     prep.add_argument("--max-captions-per-image", type=int, help="keep an image's first N captions")
     prep.add_argument("--seed", default="imram", help="mixed into the split hash")
     prep.add_argument("--cache", help="tuxpaint: cache folder (default ~/.cache/imram)")
+    prep.add_argument(
+        "--tower-stages",
+        type=int,
+        default=0,
+        help="also cache what enters the backbone's last N stages, the input of a tuned image "
+        "tower (model.image_tower: tuned, model.tower_stages N); with an already prepared "
+        "--out, only the cache is added",
+    )
+    prep.add_argument(
+        "--tower-dtype", choices=["float16", "float32"], default="float16", help="trunk cache"
+    )
     prep.add_argument("--overwrite", action="store_true", help="replace an existing precomp")
     prep.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     prep.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -23,6 +23,10 @@ CAPTIONS_NAME = "{split}_caps.txt"
 IDS_NAME = "{split}_ids.txt"
 CAP2IMG_NAME = "{split}_cap2img.npy"
 META_NAME = "meta.json"
+# What enters a backbone's last N stages, per picture (``imram prepare folder --tower-stages``):
+# the input of a model whose image tower is tuned (model.image_tower).
+TRUNK_NAME = "{split}_trunk{stages}.npy"
+TRUNK_DTYPES = ("float16", "float32")
 # meta.json format_version; 2: each split lists the picture file behind every row ("files")
 FORMAT_VERSION = 2
 
@@ -125,6 +129,36 @@ def open_features(path: str | Path) -> np.ndarray:
     return array
 
 
+def trunk_record(root: Path, stages: int) -> dict[str, Any] | None:
+    """The ``meta.json`` record of a folder's trunk cache of ``stages`` stages, or None."""
+    meta = read_folder_meta(root)
+    record = (meta or {}).get("towers", {}).get(str(stages))
+    return record if isinstance(record, dict) else None
+
+
+def open_trunk(path: Path, num_images: int, stages: int) -> np.ndarray:
+    """Memory-map a trunk cache ``[images, C, h, w]`` (float16 or float32) of ``num_images``
+    rows, or raise naming the file and how to write it."""
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no trunk cache for {stages} tower stage(s), which a tuned image tower "
+            f"reads; write it with imram prepare folder --out {path.parent} --tower-stages {stages}"
+        )
+    check_npy_size(path)
+    array = _load_npy(path, mmap=True)
+    if array.dtype.name not in TRUNK_DTYPES or array.ndim != 4:
+        raise DataError(
+            f"{path}: a trunk cache must be a 4-D [images, channels, h, w] array of "
+            f"{' or '.join(TRUNK_DTYPES)}, found {array.dtype} {array.shape}"
+        )
+    if array.shape[0] != num_images:
+        raise DataError(
+            f"{path}: {array.shape[0]} rows for the split's {num_images} images; write it "
+            f"again with --tower-stages {stages}"
+        )
+    return array
+
+
 def _read_ids(path: Path, n_images: int, features_path: Path) -> list[str] | None:
     if not path.is_file():
         return None
@@ -204,14 +238,17 @@ def _normalise_index(index: int, size: int, what: str) -> int:
 
 
 class PrecompDataset(Dataset[Item]):
-    """One split of a precomp folder; item j is caption j with its image's region features.
+    """One split of a precomp folder; item j is caption j with its image's region features,
+    or with ``trunk_stages`` its image's trunk cache row (what enters a tuned image tower).
 
     Features stay memory-mapped (COCO train is ~33 GB) and are checked for NaN/inf as they are
     read. Captions are tokenised once at open into one flat array (not at all when ``vocab`` is
     None, for callers that need only the layout: counts, ``cap2img``, ids).
     """
 
-    def __init__(self, root: str | Path, split: str, vocab: Tokenizer | None) -> None:
+    def __init__(
+        self, root: str | Path, split: str, vocab: Tokenizer | None, trunk_stages: int = 0
+    ) -> None:
         self.root = Path(root)
         self.split = split
         self.vocab = vocab
@@ -226,6 +263,15 @@ class PrecompDataset(Dataset[Item]):
         assert features_path is not None
         self.features_path = features_path
         self.features = open_features(features_path)
+        self.trunk_stages = trunk_stages
+        self.trunk_path: Path | None = None
+        self.trunk: np.ndarray | None = None
+        self.trunk_backbone: str | None = None
+        if trunk_stages:
+            self.trunk_path = self.root / TRUNK_NAME.format(split=split, stages=trunk_stages)
+            self.trunk = open_trunk(self.trunk_path, self.num_images, trunk_stages)
+            record = trunk_record(self.root, trunk_stages)
+            self.trunk_backbone = None if record is None else record.get("backbone")
         self.captions = read_captions(self.captions_path)
         self.cap2img = _caption_images(
             self.root / CAP2IMG_NAME.format(split=split),
@@ -281,19 +327,46 @@ class PrecompDataset(Dataset[Item]):
             f"{self.num_regions} regions x {self.feature_dim}, {self.num_captions} captions)"
         )
 
+    def require_input(self, config: Any, taker: str | Path) -> None:
+        """Refuse to feed ``taker``, a model of ``config`` (its model section), other inputs
+        than it reads: region features of its size, or the trunk cache of its tuned tower;
+        never the frozen grid to a tuned tower."""
+        stages = config.trunk_stages
+        if stages != self.trunk_stages:
+            reads = f"the trunk cache of {stages} tower stage(s)" if stages else "region features"
+            held = (
+                f"the trunk cache of {self.trunk_stages} stage(s)"
+                if self.trunk_stages
+                else "region features"
+            )
+            raise DataError(
+                f"{self.root}: split {self.split!r} was opened with {held}, but {taker} reads "
+                f"{reads} (model.image_tower, model.tower_stages)"
+            )
+        if stages and self.trunk_backbone != config.tower_backbone:
+            raise DataError(
+                f"{self.trunk_path}: made by {self.trunk_backbone or 'an unrecorded backbone'} "
+                f"(meta.json towers), but {taker} tunes {config.tower_backbone}'s last stages"
+            )
+        self.require_feature_dim(config.img_dim, taker)
+
     def image(self, i: int) -> Tensor:
-        """Region features ``[R, D]`` of image i (a copy), checked for NaN/inf."""
-        i = _normalise_index(i, self.num_images, "image")
-        values = np.array(self.features[i], dtype=np.float32)
-        _check_finite(values[None], i, self.features_path)
-        return torch.from_numpy(values)
+        """Region features ``[R, D]`` of image i (its trunk row with ``trunk_stages``),
+        checked for NaN/inf."""
+        return self.images([_normalise_index(i, self.num_images, "image")])[0]
 
     def images(self, indices: Sequence[int]) -> Tensor:
-        """Region features ``[len(indices), R, D]`` of several images, checked for NaN/inf."""
+        """Region features ``[len(indices), R, D]`` of several images (their trunk rows
+        ``[n, C, h, w]`` with ``trunk_stages``), checked for NaN/inf."""
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
         index = np.where(index < 0, index + self.num_images, index)
         if index.size and (index.min() < 0 or index.max() >= self.num_images):
             raise IndexError(f"image indices must lie in [0, {self.num_images})")
+        if self.trunk is not None:
+            assert self.trunk_path is not None
+            values = np.array(self.trunk[index], dtype=np.float32)
+            _check_finite(values, 0, self.trunk_path, index)
+            return torch.from_numpy(values)
         values = np.array(self.features[index], dtype=np.float32)
         _check_finite(values, 0, self.features_path, index)
         return torch.from_numpy(values)
@@ -336,14 +409,17 @@ class PrecompDataset(Dataset[Item]):
             _check_finite(block, start, self.features_path)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickle without the memory map (DataLoader workers reopen it instead of copying it)."""
+        """Pickle without the memory maps (DataLoader workers reopen them instead of copying)."""
         state = self.__dict__.copy()
-        del state["features"]
+        del state["features"], state["trunk"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.features = open_features(self.features_path)
+        self.trunk = None
+        if self.trunk_path is not None:
+            self.trunk = open_trunk(self.trunk_path, self.num_images, self.trunk_stages)
 
 
 def pad_captions(token_lists: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:

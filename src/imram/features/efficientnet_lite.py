@@ -180,7 +180,9 @@ class EfficientNetLite(nn.Module):
         blocks = []
         channels = STEM_CHANNELS
         last = len(STAGES) - 1
+        self.stage_starts: list[int] = []
         for index, stage in enumerate(STAGES):
+            self.stage_starts.append(len(blocks))
             out = round_channels(stage.out_channels, width)
             scale_depth = 0 < index < last
             repeats = round_repeats(stage.repeats, depth) if scale_depth else stage.repeats
@@ -192,6 +194,25 @@ class EfficientNetLite(nn.Module):
         self._conv_head = SameConv2d(channels, HEAD_CHANNELS, 1)
         self._bn1 = _bn(HEAD_CHANNELS)
         self._fc = nn.Linear(HEAD_CHANNELS, num_classes)
+
+    def first_tower_block(self, stages: int) -> int:
+        """The index of the first block of the last ``stages`` stages (1 to 7)."""
+        if (
+            isinstance(stages, bool)
+            or not isinstance(stages, int)
+            or not 1 <= stages <= len(STAGES)
+        ):
+            raise ConfigError(
+                f"tower stages must be an integer in [1, {len(STAGES)}], got {stages!r}"
+            )
+        return self.stage_starts[len(STAGES) - stages]
+
+    def forward_trunk(self, x: Tensor, stages: int) -> Tensor:
+        """What enters the last ``stages`` stages: the stem and every block before them."""
+        h = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
+        for block in self._blocks[: self.first_tower_block(stages)]:
+            h = block(h)
+        return h
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The final feature map [B, 1280, ceil(H/32), ceil(W/32)], after head conv, BN, ReLU6."""

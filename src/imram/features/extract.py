@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from imram.errors import ConfigError, DataError
 from imram.features.efficientnet_lite import (
     HEAD_CHANNELS,
     VARIANTS,
+    EfficientNetLite,
     grid_shape,
     load_efficientnet_lite,
 )
@@ -266,6 +268,28 @@ def _regions(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return network.forward_features(x).flatten(2).transpose(1, 2)
 
 
+@dataclass(frozen=True)
+class TrunkOutput:
+    """A trunk cache's rows: what enters the last ``stages`` stages, stored as ``dtype``, of
+    the pictures or (``flip``) of their mirror images."""
+
+    stages: int
+    dtype: str = "float16"
+    flip: bool = False
+
+
+def trunk_shape(network: EfficientNetLite, config: ExtractorConfig, stages: int) -> tuple[int, ...]:
+    """``(channels, rows, columns)`` of one picture's trunk output at the configured size."""
+    device = next(network.parameters()).device
+    probe = torch.zeros(1, 3, config.input_size, config.input_size, device=device)
+    with torch.inference_mode():
+        return tuple(network.forward_trunk(probe, stages).shape[1:])
+
+
+def _trunk(network: EfficientNetLite, trunk: TrunkOutput, x: torch.Tensor) -> torch.Tensor:
+    return network.forward_trunk(x.flip(-1) if trunk.flip else x, trunk.stages)
+
+
 def _shrink_rows(path: Path, rows: int) -> None:
     """Cut a C-order .npy to its first ``rows`` rows in place: rewrite the header's shape,
     padded to the same length so the data offset is unchanged, then truncate the file."""
@@ -305,8 +329,11 @@ def extract_features(
     config: ExtractorConfig | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    trunk: TrunkOutput | None = None,
 ) -> ExtractResult:
-    """Write the grid features of ``paths`` to ``out`` as float32 ``[kept, h*w, 1280]``.
+    """Write the grid features of ``paths`` to ``out`` as float32 ``[kept, h*w, 1280]``, or
+    with ``trunk`` what enters the backbone's last ``trunk.stages`` stages (``[kept, C, h,
+    w]`` in ``trunk.dtype``, the pictures mirrored with ``trunk.flip``).
 
     Rows stream into a memory-mapped file beside ``out`` (memory stays bounded at any count)
     that replaces ``out`` only once complete. Unusable images are skipped and reported; their
@@ -320,13 +347,16 @@ def extract_features(
     device = resolve_device(device)
     model = load_efficientnet_lite(config.backbone).to(device)
     grid = config.grid
-    regions = grid[0] * grid[1]
     result = ExtractResult(grid=grid, dim=HEAD_CHANNELS)
+    if trunk is None:
+        shape, dtype = (grid[0] * grid[1], HEAD_CHANNELS), np.dtype(np.float32)
+        run = partial(_regions, model)
+    else:
+        shape, dtype = trunk_shape(model, config, trunk.stages), np.dtype(trunk.dtype)
+        run = partial(_trunk, model, trunk)
     bar = tqdm(total=len(paths), unit="img", desc="features", disable=not progress)
     with atomic_output(out) as tmp, bar:
-        rows = npy_format.open_memmap(
-            tmp, mode="w+", dtype=np.float32, shape=(len(paths), regions, HEAD_CHANNELS)
-        )
+        rows = npy_format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(paths), *shape))
         written = 0
         with torch.inference_mode():
             for batch in _batches(paths, config):
@@ -340,8 +370,7 @@ def extract_features(
                         images.append(item)
                 if images:
                     x = torch.stack(images).to(device, non_blocking=True)
-                    grid_features = _regions(model, x)
-                    rows[written : written + len(images)] = grid_features.float().cpu().numpy()
+                    rows[written : written + len(images)] = run(x).float().cpu().numpy()
                     written += len(images)
                 bar.update(len(batch))
         rows.flush()
@@ -367,9 +396,12 @@ def image_features(
     config: ExtractorConfig | None = None,
     device: str | torch.device | None = None,
     network: torch.nn.Module | None = None,
+    trunk_stages: int = 0,
 ) -> torch.Tensor:
     """Grid features ``[len(paths), h*w, 1280]`` of a few image files, as ``extract_features``
-    writes their rows, for queries; a file that cannot be used raises ``ImageError``.
+    writes their rows, for queries (with ``trunk_stages``: what enters the last stages, the
+    input of a model whose image tower is tuned); a file that cannot be used raises
+    ``ImageError``.
 
     ``network`` (from ``load_efficientnet_lite(config.backbone)``) saves reloading it per call.
     """
@@ -379,7 +411,9 @@ def image_features(
     parts = []
     for start in range(0, len(paths), config.batch_size):
         x = torch.stack([load_image(p, config) for p in paths[start : start + config.batch_size]])
-        parts.append(_regions(network, x.to(device)).float())
+        x = x.to(device)
+        out = network.forward_trunk(x, trunk_stages) if trunk_stages else _regions(network, x)
+        parts.append(out.float())
     if not parts:
         raise DataError("image_features needs at least one image path")
     return torch.cat(parts).cpu()

@@ -82,15 +82,30 @@ class FragmentProjection(nn.Module):
 
 class ImageEncoder(FragmentProjection):
     """One linear map per region (plus a residual MLP with ``mlp``), then L2 per region; raw
-    features are not normalised first (``dropout``: only dropped while training)."""
+    features are not normalised first (``dropout``: only dropped while training). With a
+    ``tower`` (a tuned image tower) the input is the cached trunk output it turns into regions.
+    """
 
     def __init__(
-        self, img_dim: int, embed_dim: int, mlp: bool = False, dropout: float = 0.0
+        self,
+        img_dim: int,
+        embed_dim: int,
+        mlp: bool = False,
+        dropout: float = 0.0,
+        tower: nn.Module | None = None,
     ) -> None:
         super().__init__(img_dim, embed_dim, mlp, dropout)
+        self.tower = tower
+
+    def project(self, features: Tensor) -> Tensor:
+        """``[N, R, img_dim]`` (with a tower: ``[N, C, h, w]``) → ``[N, R, d]`` projected
+        regions, before normalisation."""
+        if self.tower is not None:
+            features = self.tower(features)
+        return super().project(features)
 
     def forward(self, features: Tensor) -> Tensor:
-        """``[N, R, img_dim]`` → ``[N, R, d]`` unit region vectors."""
+        """Unit region vectors ``[N, R, d]`` of :meth:`project`."""
         return l2norm(self.project(features))
 
 

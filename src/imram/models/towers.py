@@ -15,9 +15,15 @@ def build_encoders(
     """The region and word encoders every model starts from, sized by its config: the text
     side a :class:`TextEncoder` or, for ``model.text_encoder`` other than ``gru``, a
     pretrained :class:`~imram.models.text_transformer.TransformerTextEncoder`. A GRU, itself
-    trained, gets no residual MLP (``model.fragment_mlp`` adds one to the regions only)."""
+    trained, gets no residual MLP (``model.fragment_mlp`` adds one to the regions only). A
+    tuned image tower (``model.image_tower``) starts from the installed ImageNet weights."""
+    tower = None
+    if config.image_tower == "tuned":
+        from imram.features.tower import ImageTower
+
+        tower = ImageTower(config.tower_backbone, config.tower_stages)
     image = ImageEncoder(
-        config.img_dim, config.embed_dim, config.fragment_mlp, config.feature_dropout
+        config.img_dim, config.embed_dim, config.fragment_mlp, config.feature_dropout, tower
     )
     if config.text_encoder != "gru":
         return image, TransformerTextEncoder(

@@ -271,8 +271,7 @@ def build_index(
     resolved, weights = checkpoint_weights(checkpoint)
     loaded = load_checkpoint(resolved)
     model = embedding_model(loaded)
-    dataset = PrecompDataset(data, split, loaded.vocab)
-    dataset.require_feature_dim(loaded.config.model.img_dim, f"the checkpoint {loaded.path}")
+    dataset = loaded.open_split(data, split)
     counts = {"images": dataset.num_images, "captions": dataset.num_captions}
     lists = {g: _lists(kind, nlist, nprobe, counts[g], g) for g in GALLERIES}
     device = resolve_device(device)

@@ -204,7 +204,8 @@ class GalleryIndex:
         config = self.extractor_config()
         if self._network is None:
             self._network = load_efficientnet_lite(config.backbone)
-        features = image_features([image], config, self.device, self._network)
+        stages = self.checkpoint.config.model.trunk_stages
+        features = image_features([image], config, self.device, self._network, stages)
         return as_numpy(self.model.embed_images(features.to(self.device)))[0]
 
     def search_vector(

@@ -330,12 +330,14 @@ def rerank_hits(
     if not hits:
         return []
     reranker.model.to(device).eval()
+    stages = reranker.config.model.trunk_stages
     if text is not None:
         data = gallery.meta["data"]
-        dataset = PrecompDataset(data["root"], data["split"], None)
+        dataset = PrecompDataset(data["root"], data["split"], None, stages)
+        dataset.require_input(reranker.config.model, f"the re-ranker {reranker.path}")
         features = dataset.images([hit.id for hit in hits])
         return rerank_by_features(reranker, hits, features, [text], True, device, fusion)
-    features = image_features([image], gallery.extractor_config(), device)
+    features = image_features([image], gallery.extractor_config(), device, trunk_stages=stages)
     texts = [h.name for h in hits]
     return rerank_by_features(reranker, hits, features, texts, False, device, fusion)
 

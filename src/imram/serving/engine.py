@@ -198,13 +198,13 @@ class SearchService:
         if loaded.vocab is None:
             raise DataError(f"{loaded.path}: the re-ranking checkpoint has no vocabulary")
         loaded.model = model.to(self.device).eval()
-        dataset = PrecompDataset(self.root, self.split, None)
+        dataset = PrecompDataset(self.root, self.split, None, loaded.config.model.trunk_stages)
         if dataset.num_images != self.gallery.num_images:
             raise DataError(
                 f"{self.root}: split {self.split} holds {dataset.num_images} images, the index "
                 f"{self.gallery.num_images}; rebuild the index"
             )
-        dataset.require_feature_dim(loaded.config.model.img_dim, f"the re-ranker {loaded.path}")
+        dataset.require_input(loaded.config.model, f"the re-ranker {loaded.path}")
         return loaded, dataset
 
     def _call(self, task: Callable[[], T]) -> T:
@@ -308,17 +308,17 @@ class SearchService:
         extractor = self.extractor
 
         def task() -> list[Hit]:
-            try:
-                features = image_features([path], extractor, self.device, self._network)
-            except ImageError as err:
-                status = 413 if "pixels" in err.reason else 400
-                raise RequestError(status, f"cannot use the image: {err.reason}") from None
+            first = self.gallery.checkpoint.config.model.trunk_stages
+            features = self._image_input(path, extractor, first)
             vector = self.gallery.model.embed_images(features.to(self.device))
             vector = vector.float().cpu().numpy()[0]
             hits = self.gallery.search_vector(
                 vector, "captions", max(k, self.shortlist) if self.reranker else k
             )
             if self.reranker is not None:
+                second = self.reranker.config.model.trunk_stages
+                if second != first:
+                    features = self._image_input(path, extractor, second)
                 hits = self._rerank(hits, features, [hit.name for hit in hits], text_query=False)
             return hits
 
@@ -328,6 +328,15 @@ class SearchService:
             "reranked": self.reranker is not None,
             "hits": [self._caption_hit(hit) for hit in hits[:k]],
         }
+
+    def _image_input(self, path: Path, extractor: ExtractorConfig, stages: int) -> torch.Tensor:
+        """An uploaded image as a model reads it: the region grid, or the trunk output below a
+        tuned tower's ``stages`` stages (the tower itself runs inside the model)."""
+        try:
+            return image_features([path], extractor, self.device, self._network, stages)
+        except ImageError as err:
+            status = 413 if "pixels" in err.reason else 400
+            raise RequestError(status, f"cannot use the image: {err.reason}") from None
 
     def _rerank(
         self, hits: list[Hit], features: torch.Tensor, texts: list[str], text_query: bool

@@ -24,11 +24,13 @@ OPTIONAL = (CAP2IMG_NAME, IDS_NAME)  # a split's files read only where present
 
 def data_files(*datasets: PrecompDataset) -> list[Path]:
     """The files a run reads from its splits: features, captions and, where present,
-    the caption-to-image map and the ids."""
+    the caption-to-image map, the ids and the trunk cache."""
     files: list[Path] = []
     for dataset in datasets:
         extra = [dataset.root / name.format(split=dataset.split) for name in OPTIONAL]
         files += [dataset.features_path, dataset.captions_path, *(p for p in extra if p.is_file())]
+        if dataset.trunk_path is not None:
+            files.append(dataset.trunk_path)
     return files
 
 

@@ -119,18 +119,30 @@ def init_word_embeddings(model: torch.nn.Module, config: Config, vocab: Tokenize
     return found
 
 
+# The named parameter groups and the train.* key of their learning rate.
+GROUP_LR = {"text_transformer": "text_lr", "image_tower": "tower_lr"}
+
+
 def _param_groups(model: torch.nn.Module, config: Config) -> list[dict[str, Any]]:
-    """The trainable parameters: a fine-tuned pretrained transformer in its own group at
-    ``train.text_lr`` (named, so the schedule finds it), everything else at ``train.lr``."""
-    text = model.text_encoder
-    tuned = []
-    if isinstance(text, TransformerTextEncoder):
-        tuned = [p for p in text.transformer.parameters() if p.requires_grad]
-    own = {id(p) for p in tuned}
+    """The trainable parameters: a fine-tuned pretrained transformer and a tuned image tower
+    each in a group of its own at ``train.text_lr`` / ``train.tower_lr`` (named, so the
+    schedule finds them), everything else at ``train.lr``."""
+    text, tower = model.text_encoder, model.image_encoder.tower
+    named = {
+        "text_transformer": (
+            [p for p in text.transformer.parameters() if p.requires_grad]
+            if isinstance(text, TransformerTextEncoder)
+            else []
+        ),
+        "image_tower": [] if tower is None else list(tower.parameters()),
+    }
+    own = {id(p) for params in named.values() for p in params}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     groups: list[dict[str, Any]] = [{"params": rest, "lr": config.train.lr}]
-    if tuned:
-        groups.append({"params": tuned, "lr": config.train.text_lr, "name": "text_transformer"})
+    for name, params in named.items():
+        if params:
+            lr = getattr(config.train, GROUP_LR[name])
+            groups.append({"params": params, "lr": lr, "name": name})
     return groups
 
 
@@ -405,7 +417,7 @@ class _Session:
         learning rate set on the optimizer."""
         tc = self.config.train
         for group in self.optimizer.param_groups:
-            base = tc.text_lr if group.get("name") == "text_transformer" else tc.lr
+            base = getattr(tc, GROUP_LR[group["name"]]) if "name" in group else tc.lr
             group["lr"] = base * tc.lr_factor(epoch)
         order = epoch_order(len(self.train_set), tc.seed, epoch)
         return [order[s : s + tc.batch_size] for s in range(0, len(order), tc.batch_size)]
@@ -547,10 +559,11 @@ def _open(
         )
     config = replace(config, model=replace(config.model, vocab_size=len(vocab)))
     config.validate()
-    train_set = PrecompDataset(data, config.data.train_split, vocab)
-    val_set = PrecompDataset(data, config.data.val_split, vocab)
+    stages = config.model.trunk_stages
+    train_set = PrecompDataset(data, config.data.train_split, vocab, stages)
+    val_set = PrecompDataset(data, config.data.val_split, vocab, stages)
     for split in (train_set, val_set):
-        split.require_feature_dim(config.model.img_dim, "the config")
+        split.require_input(config.model, "the config")
     files = data_files(train_set, val_set)
     manifest = read_manifest(run) if resume else None
     if lead:

@@ -98,7 +98,7 @@ def open_validation(
             f"train.val_rerank={path}: a {first.config.model.name} checkpoint; the first stage "
             "must be an embedding model (VSE++, MEMBER)"
         )
-    first_set = PrecompDataset(data, config.data.val_split, first.vocab)
+    first_set = first.open_split(data, config.data.val_split)
     if (first_set.num_images, first_set.num_captions) != (
         val_set.num_images,
         val_set.num_captions,

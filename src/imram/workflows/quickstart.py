@@ -225,7 +225,7 @@ def _train_and_test(
         )
     train_seconds = time.monotonic() - tick
     checkpoint = load_checkpoint(run / "best")
-    dataset = PrecompDataset(data, "test", checkpoint.vocab)
+    dataset = checkpoint.open_split(data, "test")
     metrics, _, _ = evaluate_model(checkpoint.model.to(device), dataset, "1k", device=device)
     cost = query_cost(GallerySearch(checkpoint.model, dataset, device), dataset)
     curve = read_curve(run)
@@ -263,8 +263,8 @@ def _two_stage_row(rows: list[dict[str, Any]], data: Path, device: str) -> dict[
         return None
     first = load_checkpoint(Path(by_label[first_label]["run"]) / "best")
     second = load_checkpoint(Path(by_label[second_label]["run"]) / "best")
-    first_data = PrecompDataset(data, "test", first.vocab)
-    second_data = PrecompDataset(data, "test", second.vocab)
+    first_data = first.open_split(data, "test")
+    second_data = second.open_split(data, "test")
     first_model, second_model = first.model.to(device), second.model.to(device)
     (metrics,) = rerank_split(
         first_model, first_data, second_model, second_data, [shortlist], device=device
